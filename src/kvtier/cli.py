@@ -1,0 +1,237 @@
+"""The ``kvtier`` command.
+
+    kvtier info                 configuration, tiers and their usage
+    kvtier config               the resolved configuration (YAML), or --markdown docs
+    kvtier check [--fix]        audit the disk tier's index against its segment files
+    kvtier bench store          the embedded store against same-run baselines
+
+Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
+``KVTIER_*`` environment variables sit between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from kvtier import __version__
+from kvtier.config import Config, load_config, render_markdown
+from kvtier.errors import ConfigError, KVTierError
+
+log = logging.getLogger("kvtier")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kvtier`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except KVTierError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvtier",
+        description="A tiered store for the attention KV cache of LLM inference.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    common.add_argument(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one configuration key (repeatable), e.g. "
+        "--set memory.capacity_bytes=8GiB",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    info = sub.add_parser("info", parents=[common], help="configuration, tiers, usage")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(run=_cmd_info)
+
+    config = sub.add_parser("config", parents=[common], help="the resolved config")
+    config.add_argument(
+        "--markdown", action="store_true", help="document every key as Markdown"
+    )
+    config.set_defaults(run=_cmd_config)
+
+    check = sub.add_parser(
+        "check", parents=[common], help="audit the disk tier (index vs segment files)"
+    )
+    check.add_argument("--fix", action="store_true", help="drop what fails the audit")
+    check.set_defaults(run=_cmd_check)
+
+    bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
+    bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
+    store = bench_sub.add_parser(
+        "store", parents=[common], help="memory and disk tiers, reopen, keys + match"
+    )
+    store.add_argument("--quick", action="store_true", help="smaller sizes (~20 s)")
+    store.add_argument("--json", action="store_true", help="end with one JSON object")
+    store.add_argument("--dir", help="scratch directory (default: the system temp dir)")
+    store.add_argument("--repeats", type=int, help="runs per figure (median reported)")
+    store.set_defaults(run=_cmd_bench_store)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, str] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set needs SECTION.KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return load_config(args.config, overrides=overrides)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        sys.stdout.write(render_markdown())
+        return 0
+    sys.stdout.write(yaml.safe_dump(_load(args).as_dict(), sort_keys=False))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from kvtier.store import TieredStore
+
+    config = _load(args)
+    with TieredStore(config) as store:
+        stats = store.stats()
+    if args.json:
+        print(json.dumps({"config": config.as_dict(), "stats": _jsonable(stats)}))
+        return 0
+    console = Console()
+    console.print(f"kvtier {__version__}: data in [bold]{config.store.data_dir}[/]")
+    table = Table(title="tiers")
+    for column in ("tier", "capacity", "used", "blocks", "utilization"):
+        table.add_column(column, justify="right" if column != "tier" else "left")
+    for tier in stats.tiers.values():
+        utilization = (
+            tier.used_bytes / tier.capacity_bytes if tier.capacity_bytes else 0
+        )
+        table.add_row(
+            tier.name,
+            _human(tier.capacity_bytes),
+            _human(tier.used_bytes),
+            f"{tier.num_blocks:,}",
+            f"{utilization:.1%}",
+        )
+    console.print(table)
+    console.print(
+        f"write policy {config.store.write_policy}, "
+        f"memory policy {config.memory.policy}, disk policy {config.disk.policy}, "
+        f"block_tokens {config.store.block_tokens}"
+    )
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from kvtier.tiers.disk import DiskTier
+
+    config = _load(args)
+    with DiskTier(config.disk_path, capacity_bytes=config.disk.capacity_bytes) as tier:
+        report = tier.check(fix=args.fix)
+    print(json.dumps(_jsonable(report), indent=2))
+    return 0 if args.fix or report.ok else 1
+
+
+def _cmd_bench_store(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from kvtier.bench.store import StoreBenchConfig, run_store_bench
+
+    cfg = (
+        StoreBenchConfig.quick(args.dir)
+        if args.quick
+        else StoreBenchConfig(directory=args.dir)
+    )
+    if args.repeats:
+        cfg = StoreBenchConfig(**{**vars(cfg), "repeats": args.repeats})
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("bench store", total=5)
+
+        def step(label: str) -> None:
+            if progress.tasks[0].description != "bench store":
+                progress.advance(task)
+            progress.update(task, description=label)
+
+        results = run_store_bench(cfg, step)
+    _print_store_table(results)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+_TARGETS = {
+    "memory_put_ratio": ("memory put vs numpy.copyto", ">= 0.9"),
+    "memory_get_ratio": ("memory get vs numpy.copyto", ">= 0.9"),
+    "disk_write_nofsync_ratio": ("disk write vs sequential write", ">= 0.8"),
+    "disk_write_fsync_ratio": ("disk write vs sequential write, fsync", ">= 0.8"),
+    "disk_cold_read_ratio": ("disk cold read vs sequential read", ">= 0.8"),
+    "reopen_first_get_s": ("reopen + first get (s)", "<= 2"),
+    "keys_match_128k_ms": ("keys + prefix match, 128k tokens (ms)", "<= 2"),
+    "keys_128k_ms": ("keys only, 128k tokens from numpy (ms)", "report"),
+    "keys_128k_from_list_ms": ("keys only, 128k tokens from a list (ms)", "report"),
+}
+
+
+def _print_store_table(results: dict[str, float]) -> None:
+    table = Table(title="kvtier bench store (medians)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    for key, (label, target) in _TARGETS.items():
+        if key in results:
+            table.add_row(label, f"{results[key]:.3f}", target)
+    for key, value in results.items():
+        if key.endswith("_bytes_per_s"):
+            table.add_row(key.removesuffix("_bytes_per_s"), f"{_human(value)}/s", "")
+    Console().print(table)
+
+
+def _human(nbytes: float) -> str:
+    if nbytes < 1024:
+        return f"{nbytes:.0f} B"
+    exponent = min(int(math.log(nbytes, 1024)), 5)
+    return f"{nbytes / 1024**exponent:.1f} {'BKMGTP'[exponent]}iB".replace("BiB", "B")
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(v) for k, v in vars(obj).items() if not k.startswith("_")}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+if __name__ == "__main__":
+    sys.exit(main())

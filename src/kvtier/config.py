@@ -1,0 +1,478 @@
+"""One typed configuration: YAML file < ``KVTIER_*`` environment < command-line flags.
+
+Every section is a frozen dataclass; every field has a ``doc`` (rendered into
+``docs/configuration.md`` by ``kvtier config --markdown``) and is validated on
+construction with a message that names the key and what is allowed. Sizes accept units
+(``"4GiB"``, ``"512MB"``, ``"1.5g"``); durations are seconds.
+
+Sources, later ones winning:
+
+1. a YAML file (``--config kvtier.yaml`` or ``KVTIER_CONFIG``), sections as mappings::
+
+       memory:
+         capacity_bytes: 8GiB
+       disk:
+         capacity_bytes: 200GiB
+
+2. environment variables ``KVTIER_<SECTION>_<KEY>``, e.g.
+   ``KVTIER_MEMORY_CAPACITY_BYTES=8GiB``;
+3. flags ``--set section.key=value`` (and the named flags each command offers).
+
+This module is the only place that reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from kvtier.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DiskConfig",
+    "MemoryConfig",
+    "SharedFSConfig",
+    "StoreConfig",
+    "load_config",
+    "parse_bytes",
+    "render_markdown",
+]
+
+ENV_PREFIX = "KVTIER_"
+GiB = 1 << 30
+MiB = 1 << 20
+
+PolicyName = Literal["lru", "weighted_lru", "leaf_lru", "s3fifo"]
+WritePolicy = Literal["write_through", "write_behind", "write_back"]
+CodecName = Literal["none", "lz4", "zstd"]
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """Byte limits of one quota group (tenant or instance group), per tier."""
+
+    memory_bytes: int | None = _doc("Most bytes the group may hold in memory.", None)
+    disk_bytes: int | None = _doc("Most bytes the group may hold on disk.", None)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How the tiers work together."""
+
+    data_dir: str = _doc(
+        "Directory of everything kvtier persists (the disk tier defaults to "
+        "<data_dir>/disk).",
+        "./kvtier-data",
+    )
+    block_tokens: int = _doc(
+        "Tokens per block (a multiple of the engine's block size).", 256
+    )
+    write_policy: WritePolicy = _doc(
+        "When blocks put in memory reach disk: write_through (before put returns), "
+        "write_behind (soon after, by a background writer) or write_back (only when "
+        "evicted from memory).",
+        "write_behind",
+    )
+    high_watermark: float = _doc(
+        "Fraction of a tier's capacity at which eviction starts.", 0.9
+    )
+    low_watermark: float = _doc("Fraction of capacity eviction frees down to.", 0.8)
+    kv_expire_time: float = _doc(
+        "Seconds a block lives after it is put (0 = forever).", 0.0
+    )
+    cleanup_interval: float = _doc(
+        "Seconds between background sweeps of expired blocks.", 60.0
+    )
+    lease_seconds: float = _doc(
+        "How long a read holds a block against eviction (a crashed reader's lease "
+        "runs out on its own).",
+        5.0,
+    )
+    write_queue_bytes: int = _doc(
+        "Most bytes of blocks waiting for the write-behind writer before puts "
+        "write to disk themselves.",
+        256 * MiB,
+    )
+    quotas: dict[str, QuotaConfig] = _doc(
+        "Per quota group (the namespace's tenant) byte limits: "
+        "{group: {memory_bytes, disk_bytes}}.",
+        {},
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive("store.block_tokens", self.block_tokens)
+        if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
+            raise ConfigError(
+                "store.low_watermark and store.high_watermark must satisfy "
+                f"0 < low <= high <= 1, got low={self.low_watermark} "
+                f"high={self.high_watermark}"
+            )
+        _check_non_negative("store.kv_expire_time", self.kv_expire_time)
+        _check_positive("store.cleanup_interval", self.cleanup_interval)
+        _check_positive("store.lease_seconds", self.lease_seconds)
+        _check_non_negative("store.write_queue_bytes", self.write_queue_bytes)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The memory tier: one preallocated arena."""
+
+    capacity_bytes: int = _doc("Size of the memory arena.", 4 * GiB)
+    policy: PolicyName = _doc("Eviction policy of the memory tier.", "leaf_lru")
+    slab_bytes: int = _doc("Target slab size of the arena allocator.", 4 * MiB)
+    huge_pages: bool = _doc("Ask for transparent huge pages for the arena.", True)
+
+    def __post_init__(self) -> None:
+        _check_positive("memory.capacity_bytes", self.capacity_bytes)
+        _check_positive("memory.slab_bytes", self.slab_bytes)
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """The local-SSD tier: a segment log with a SQLite index."""
+
+    enabled: bool = _doc("Keep a disk tier below memory.", True)
+    path: str = _doc("Directory of the disk tier ('' = <store.data_dir>/disk).", "")
+    capacity_bytes: int = _doc("Most bytes the disk tier may use.", 32 * GiB)
+    policy: PolicyName = _doc("Eviction policy of the disk tier.", "leaf_lru")
+    segment_bytes: int = _doc("Size of one append-only segment file.", 256 * MiB)
+    fsync: bool = _doc(
+        "fsync segments before committing the index (survives power loss; slower).",
+        False,
+    )
+    compression: CodecName = _doc("Compress blocks on disk: none, lz4 or zstd.", "none")
+
+    def __post_init__(self) -> None:
+        _check_positive("disk.capacity_bytes", self.capacity_bytes)
+        _check_positive("disk.segment_bytes", self.segment_bytes)
+
+
+@dataclass(frozen=True)
+class SharedFSConfig:
+    """A directory several nodes mount (NFS-like), below disk."""
+
+    path: str = _doc("Directory of the shared tier ('' = no shared tier).", "")
+    capacity_bytes: int | None = _doc(
+        "Most bytes kept there before sweeps delete the least recently used "
+        "(unset = unbounded).",
+        None,
+    )
+    compression: CodecName = _doc("Compress blocks: none, lz4 or zstd.", "none")
+    fsync: bool = _doc("fsync each block file before publishing it.", False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of kvtier."""
+
+    store: StoreConfig = field(default_factory=StoreConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    shared_fs: SharedFSConfig = field(default_factory=SharedFSConfig)
+
+    @property
+    def disk_path(self) -> Path:
+        """Where the disk tier lives."""
+        return Path(self.disk.path or Path(self.store.data_dir) / "disk")
+
+    def replace(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with ``{"section.key": value}`` overrides applied and validated."""
+        return _build(_merge(_as_tree(self), _dotted_tree(overrides, "override")))
+
+    def as_dict(self) -> dict[str, Any]:
+        return _as_tree(self)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Builds the configuration from a YAML file, the environment and overrides.
+
+    Args:
+        path: YAML file; ``None`` reads ``KVTIER_CONFIG`` if set, else no file.
+        env: Environment to read ``KVTIER_*`` from (default ``os.environ``).
+        overrides: ``{"section.key": value}`` from flags; they win over everything.
+
+    Raises:
+        ConfigError: A file that cannot be read or parsed, an unknown key, or a value
+            that is not allowed (the message names the key and the allowed values).
+    """
+    env = os.environ if env is None else env
+    path = path if path is not None else env.get(ENV_PREFIX + "CONFIG") or None
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    tree = _merge(tree, _env_tree(env))
+    tree = _merge(tree, _dotted_tree(overrides or {}, "override"))
+    return _build(tree)
+
+
+def parse_bytes(value: Any, key: str = "value") -> int:
+    """``"4GiB"``, ``"512MB"``, ``"1.5g"``, ``1024`` -> bytes (k/m/g/t are binary).
+
+    Raises:
+        ConfigError: Not a size.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a size like 4GiB or 1048576, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    match = _SIZE_RE.fullmatch(str(value).strip().lower())
+    if match is None:
+        raise ConfigError(f"{key} must be a size like 4GiB or 1048576, got {value!r}")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[unit or ""])
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    **{u: 1 << (10 * (i + 1)) for i, p in enumerate("kmgtp") for u in (p, p + "ib")},
+    **{p + "b": 1000 ** (i + 1) for i, p in enumerate("kmgtp")},
+}
+
+_SECTIONS: dict[str, type[Any]] = {
+    "store": StoreConfig,
+    "memory": MemoryConfig,
+    "disk": DiskConfig,
+    "shared_fs": SharedFSConfig,
+}
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _check_non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got "
+            f"{type(data).__name__}"
+        )
+    return data
+
+
+def _env_tree(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    sections = sorted(_SECTIONS, key=len, reverse=True)  # shared_fs before store...
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            allowed = ", ".join(ENV_PREFIX + s.upper() + "_..." for s in _SECTIONS)
+            raise ConfigError(
+                f"environment variable {name} names no section ({allowed})"
+            )
+        tree.setdefault(section, {})[rest[len(section) + 1 :]] = value
+    return tree
+
+
+def _dotted_tree(overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(
+                f"{source} {dotted!r} must look like section.key, e.g. "
+                "memory.capacity_bytes"
+            )
+        tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for section, values in top.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _build(tree: Mapping[str, Any]) -> Config:
+    _reject_unknown(tree, _SECTIONS, "section")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = tree.get(name) or {}
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"section {name} must be a mapping, got {values!r}")
+        sections[name] = _build_dataclass(cls, values, name)
+    return Config(**sections)
+
+
+def _build_dataclass(cls: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(values, fields, f"key in {prefix}")
+    hints = get_type_hints(cls)
+    kwargs = {
+        name: _coerce(hints[name], value, f"{prefix}.{name}")
+        for name, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def _reject_unknown(values: Mapping[str, Any], allowed: Any, what: str) -> None:
+    for name in values:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown {what} {name!r}{hint}; allowed: {', '.join(allowed)}"
+            )
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Converts a YAML, environment or flag value to the field's type."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+            return None
+        return _coerce(options[0], value, key)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is dict:
+        return _coerce_dict(get_args(hint)[1], value, key)
+    if hint is bool:
+        return _coerce_bool(value, key)
+    if hint is int:
+        if key.endswith("_bytes"):
+            return parse_bytes(value, key)
+        return _coerce_number(int, value, key)
+    if hint is float:
+        return _coerce_number(float, value, key)
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"config field {key} has an unsupported type {hint!r}")
+
+
+def _coerce_dict(value_type: Any, value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = yaml.safe_load(value) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    if isinstance(value_type, type) and dataclasses.is_dataclass(value_type):
+        return {
+            str(name): _build_dataclass(value_type, item or {}, f"{key}.{name}")
+            for name, item in value.items()
+        }
+    return {str(k): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _coerce_number(kind: type[Any], value: Any, key: str) -> Any:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key} must be a number, got {value!r}") from exc
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    return number
+
+
+def _as_tree(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def render_markdown() -> str:
+    """Every section and key with its type, default and meaning, as Markdown."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated by `kvtier config --markdown`; do not edit by hand.",
+        "Set a key in the YAML file (`section: {key: value}`), as the environment",
+        "variable `KVTIER_<SECTION>_<KEY>`, or with `--set section.key=value`.",
+        "Sizes take units (`4GiB`, `512MB`); times are seconds.",
+        "",
+    ]
+    for name, cls in _SECTIONS.items():
+        lines += [f"## `{name}`", "", (cls.__doc__ or "").strip(), ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = (
+                f.default_factory()
+                if f.default_factory is not dataclasses.MISSING
+                else f.default
+            )
+            shown = _size_text(default) if f.name.endswith("_bytes") else repr(default)
+            lines.append(
+                f"| `{f.name}` | {_type_name(hints[f.name])} | `{shown}` | "
+                f"{f.metadata.get('doc', '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _size_text(nbytes: Any) -> str:
+    if not isinstance(nbytes, int):
+        return repr(nbytes)
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size and nbytes % size == 0:
+            return f"{nbytes // size}{unit}"
+    return str(nbytes)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return " \\| ".join(repr(a) for a in get_args(hint))
+    name = re.sub(
+        r"kvtier\.config\.|typing\.", "", str(getattr(hint, "__name__", hint))
+    )
+    return name.replace("|", "\\|")

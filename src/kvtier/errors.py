@@ -1,0 +1,65 @@
+"""The one exception tree of kvtier.
+
+Every error kvtier raises is a :class:`KVTierError`. Errors of lower layers
+(``OSError``, ``sqlite3.Error``, codec errors) are mapped at the boundary with
+``raise ... from exc`` so no foreign exception reaches a user. Errors that are also bad
+arguments subclass ``ValueError`` too, so ``except ValueError`` keeps working for
+callers that expect it::
+
+    KVTierError
+    ├── ConfigError        (ValueError)  a config key has a value that is not allowed
+    ├── LayoutError        (ValueError)  a block does not match its KV layout
+    ├── KeyFormatError     (ValueError)  token ids or engine hashes that cannot be keys
+    ├── StoreClosedError                 the store was used after close()
+    └── StorageError                     a tier could not do its I/O
+        └── CorruptBlockError            a stored block failed its checksum
+
+A cache that cannot read or write degrades to a miss or ``False`` and the request goes
+on: running out of space is not an exception, and neither is a corrupted block on a read
+path (it is quarantined, counted and reported as a miss). ``StorageError`` surfaces only
+where a caller asked for the I/O explicitly (opening a data directory,
+``check(fix=True)``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "CorruptBlockError",
+    "KVTierError",
+    "KeyFormatError",
+    "LayoutError",
+    "StorageError",
+    "StoreClosedError",
+]
+
+
+class KVTierError(Exception):
+    """Base class of every error kvtier raises."""
+
+
+class ConfigError(KVTierError, ValueError):
+    """A configuration value is missing, malformed or outside what is allowed.
+
+    The message names the key (``memory.capacity_bytes``) and what is allowed.
+    """
+
+
+class LayoutError(KVTierError, ValueError):
+    """A block's dtype, shape or byte size does not match its KV layout."""
+
+
+class KeyFormatError(KVTierError, ValueError):
+    """Token ids or engine-computed hashes that cannot be turned into block keys."""
+
+
+class StoreClosedError(KVTierError):
+    """The store (or one of its tiers) was used after ``close()``."""
+
+
+class StorageError(KVTierError):
+    """A tier could not do its I/O (the original ``OSError`` is the ``__cause__``)."""
+
+
+class CorruptBlockError(StorageError):
+    """A block read back from outside memory failed its checksum or framing."""

@@ -1,0 +1,113 @@
+"""What the store's calls answer: put results, matches, block listings, statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvtier.core.keys import BlockKey
+
+__all__ = ["BlockInfo", "Match", "PutResult", "StoreStats", "TierStats"]
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Which blocks of a put are now stored. Truthy when all are."""
+
+    stored: tuple[bool, ...]
+
+    def __bool__(self) -> bool:
+        return all(self.stored)
+
+    @property
+    def num_stored(self) -> int:
+        return sum(self.stored)
+
+
+@dataclass(frozen=True)
+class Match:
+    """How much of a prompt is stored.
+
+    Attributes:
+        num_blocks: Leading blocks stored (prefix) or resumable (sliding window).
+        tiers: The hottest tier holding each matched block (window mode: each block of
+            the window before the resume point).
+    """
+
+    num_blocks: int
+    tiers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One stored block, as ``TieredStore.list`` reports it."""
+
+    key: BlockKey
+    nbytes: int
+    group: str
+    tiers: tuple[str, ...]
+    expire_at: float
+
+
+@dataclass
+class TierStats:
+    """Counters and gauges of one tier.
+
+    Attributes:
+        capacity_bytes: The tier's byte budget.
+        used_bytes: Bytes of blocks the tier holds (or is being written).
+        num_blocks: Blocks the tier holds.
+        hits: Blocks served from this tier.
+        evictions: Blocks evicted from this tier (memory: demoted to disk).
+        blocks_written / bytes_written: Blocks and bytes written into this tier.
+        bytes_read: Bytes served from this tier.
+        num_corrupt: Blocks that failed their checksum and were quarantined.
+        write_failures: Writes the tier refused (full disk, I/O error).
+    """
+
+    name: str
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    num_blocks: int = 0
+    hits: int = 0
+    evictions: int = 0
+    blocks_written: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    num_corrupt: int = 0
+    write_failures: int = 0
+
+
+@dataclass
+class StoreStats:
+    """A snapshot of the store's counters.
+
+    Attributes:
+        tiers: Per tier (hottest first).
+        lookups: Reads (get / get_into) served.
+        hit_blocks / miss_blocks: Blocks those reads found / did not find.
+        put_blocks: Blocks newly stored by puts.
+        refused_blocks: Blocks a put could not store (no room).
+        expired_blocks: Blocks removed because their time passed.
+        promotions: Blocks copied up into memory after a lower-tier hit.
+        demotions: Blocks written to disk because memory evicted them.
+        dirty_blocks: Blocks in memory not yet written to the lower tiers.
+        group_bytes: Per tier, bytes held per quota group that has a quota.
+    """
+
+    tiers: dict[str, TierStats]
+    lookups: int = 0
+    hit_blocks: int = 0
+    miss_blocks: int = 0
+    put_blocks: int = 0
+    refused_blocks: int = 0
+    expired_blocks: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    dirty_blocks: int = 0
+    group_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def hit_ratio(self) -> float:
+        """Blocks found over blocks looked up (0.0 before any lookup)."""
+        total = self.hit_blocks + self.miss_blocks
+        return self.hit_blocks / total if total else 0.0

@@ -1,0 +1,844 @@
+"""TieredStore: put / get / match / delete / prefetch across memory, disk and shared FS.
+
+Tier 0 is memory, tier 1 local disk, both indexed here; the shared filesystem below them
+is not (other nodes write there too) and is asked directly once the local tiers run out.
+The :class:`~kvtier.core.ledger.Ledger` keeps each local tier's residency, policy,
+budget and quotas in step; this module moves the bytes.
+
+Locking: one lock guards the ledger and the memory allocator. Payload bytes never move
+under it: a put reserves slots under the lock, copies outside it and publishes under it;
+a get leases its blocks under the lock, copies outside it and releases them. A leased
+block is never evicted, and a block deleted or expired while leased keeps its memory
+slot until its last reader lets go. The one exception: memory evicting a block that has
+not reached disk yet writes it there under the lock (write-behind keeps that rare).
+
+Write policies (``store.write_policy``): *write_through* writes each put to the lower
+tiers before returning; *write_behind* (default) lets a background writer drain recent
+puts in batches, and a put that finds more than ``write_queue_bytes`` waiting writes
+itself; *write_back* writes a block down only when memory evicts it (or on close).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvtier.config import Config
+from kvtier.core.alloc import slot_bytes
+from kvtier.core.index import BlockIndex, BlockMeta, Entry
+from kvtier.core.keys import BlockKey, KeyChain
+from kvtier.core.ledger import Ledger, TierAccount
+from kvtier.core.policy import make_policy
+from kvtier.errors import LayoutError, StoreClosedError
+from kvtier.layout import KVLayout, as_block_array
+from kvtier.results import BlockInfo, Match, PutResult, StoreStats, TierStats
+from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.memory import MemoryTier
+from kvtier.tiers.shared_fs import SharedFSTier
+
+__all__ = ["TieredStore"]
+
+log = logging.getLogger(__name__)
+
+MEMORY, DISK = 0, 1
+LOCAL_TIERS = ("memory", "disk")
+_WRITER_BATCH_BYTES = 64 << 20
+_NO_DEADLINE = math.inf  # in-process readers cannot die apart from the store
+
+Array = np.ndarray[Any, Any]
+Target = Callable[[int], Array]
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """One reader's hold on a block, and on its memory slot when it has one."""
+
+    key: BlockKey
+    entry: Entry
+    location: tuple[int, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One dirty block on its way to the lower tiers."""
+
+    key: BlockKey
+    payload: Array
+    meta: BlockMeta
+    lease: _Lease
+    to_disk: bool
+
+
+class TieredStore:
+    """The embedded KV-cache store. Thread-safe. Open it with :func:`kvtier.open`.
+
+    Args:
+        config: The configuration; see ``docs/configuration.md``.
+        clock: Source of the current Unix time (tests pass a fake one).
+    """
+
+    def __init__(
+        self, config: Config | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config = config or Config()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._closed = False
+        self._memory = MemoryTier(
+            config.memory.capacity_bytes,
+            slab_bytes=config.memory.slab_bytes,
+            huge_pages=config.memory.huge_pages,
+        )
+        self._disk = _open_disk(config)
+        self._shared = _open_shared(config)
+        self._ledger = Ledger(BlockIndex(), _accounts(config, self._disk is not None))
+        self._index = self._ledger.index
+        self._stats = StoreStats({name: TierStats(name) for name in self.tier_names})
+        self._reserving: set[BlockKey] = set()  # keys a put is copying in
+        self._dirty: dict[BlockKey, None] = {}  # in memory, not yet below (in order)
+        self._dirty_bytes = 0
+        self._slot_readers: dict[int, int] = {}  # memory offset -> leases on it
+        self._detached: set[int] = set()  # offsets unpublished while being read
+        self._reload_disk()
+        self._prefetcher = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="kvtier-prefetch"
+        )
+        self._threads = [
+            threading.Thread(target=self._cleanup_loop, name="kvtier-ttl", daemon=True)
+        ]
+        if self._has_lower and config.store.write_policy == "write_behind":
+            self._threads.append(
+                threading.Thread(
+                    target=self._writer_loop, name="kvtier-writer", daemon=True
+                )
+            )
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        """Names of the tiers, hottest first."""
+        names = ["memory"]
+        if self._disk is not None:
+            names.append("disk")
+        if self._shared is not None:
+            names.append("shared_fs")
+        return tuple(names)
+
+    @property
+    def _has_lower(self) -> bool:
+        return self._disk is not None or self._shared is not None
+
+    def _reload_disk(self) -> None:
+        """Rebuilds the index and the disk policy from what the disk tier persisted."""
+        if self._disk is None:
+            return
+        now = self._clock()
+        expired = []
+        for key, meta in self._disk.entries():
+            if meta.expire_at <= now:
+                expired.append(key)
+            else:
+                self._ledger.charge(DISK, key, meta, now, held=False)
+        if expired:
+            self._disk.delete(expired)
+            self._stats.expired_blocks += len(expired)
+
+    # ------------------------------------------------------------------ put
+
+    def put(
+        self,
+        keys: Sequence[BlockKey],
+        blocks: Sequence[Any],
+        *,
+        layout: KVLayout | None = None,
+    ) -> PutResult:
+        """Stores blocks under their keys.
+
+        A key already stored counts as stored and is only touched: blocks are content
+        addressed, equal keys mean equal KV. Blocks land in memory; the write policy
+        takes them down to disk and the shared tier.
+
+        Args:
+            keys: One key per block. A :class:`~kvtier.KeyChain` also gives each
+                block's parent (for prefix-aware eviction) and its quota group.
+            blocks: numpy arrays, torch tensors or bytes-like objects.
+            layout: When given, every block must match it (dtype, shape, bytes).
+
+        Returns:
+            Which blocks are stored. A block refused for lack of room is ``False``
+            and leaves the store as it was.
+
+        Raises:
+            LayoutError: A block does not match ``layout`` (the message names what
+                was expected and what came), or keys and blocks differ in number.
+        """
+        if len(keys) != len(blocks):
+            raise LayoutError(f"got {len(keys)} keys but {len(blocks)} blocks")
+        arrays = [
+            layout.block_array(b) if layout is not None else as_block_array(b)
+            for b in blocks
+        ]
+        metas = self._metas(keys, arrays, self._clock())
+        stored = self._store(list(keys), arrays, metas, promote=False)
+        policy = self.config.store.write_policy
+        if self._has_lower and policy == "write_through":
+            self._flush([k for k, ok in zip(keys, stored, strict=True) if ok])
+        elif policy == "write_behind" and (
+            self._dirty_bytes > self.config.store.write_queue_bytes
+        ):
+            self._flush(None)  # the writer is behind: this put helps (backpressure)
+        return PutResult(tuple(stored))
+
+    def _metas(
+        self, keys: Sequence[BlockKey], arrays: Sequence[Array], now: float
+    ) -> list[BlockMeta]:
+        ttl = self.config.store.kv_expire_time
+        expire_at = now + ttl if ttl > 0 else math.inf
+        group, parents = "default", [None] * len(keys)
+        if isinstance(keys, KeyChain):
+            parents = keys.parents()  # type: ignore[assignment]
+            if keys.namespace is not None:
+                group = keys.namespace.quota_group
+        return [
+            BlockMeta(arr.nbytes, group, parent, expire_at)
+            for arr, parent in zip(arrays, parents, strict=True)
+        ]
+
+    def _store(
+        self,
+        keys: list[BlockKey],
+        arrays: Sequence[Array],
+        metas: Sequence[BlockMeta],
+        *,
+        promote: bool,
+    ) -> list[bool]:
+        """Reserves slots under the lock, copies outside it, publishes under it.
+
+        A put skips keys stored in any tier; a promotion (the bytes came from a lower
+        tier and stay there) skips keys already in memory.
+        """
+        now = self._clock()
+        stored = [False] * len(keys)
+        reserved: list[tuple[int, int]] = []  # (position, offset)
+        with self._lock:
+            self._check_open()
+            for pos, key in enumerate(keys):
+                if key in self._reserving or (
+                    key in self._memory if promote else self._ledger.touch(key, now)
+                ):
+                    stored[pos] = True
+                    continue
+                offset = self._reserve(metas[pos], now)
+                if offset is not None:
+                    self._reserving.add(key)
+                    reserved.append((pos, offset))
+            if not promote:
+                self._stats.put_blocks += len(reserved)
+                self._stats.refused_blocks += stored.count(False) - len(reserved)
+        try:
+            for pos, offset in reserved:
+                self._copy_in(offset, arrays[pos])
+        except BaseException:
+            with self._lock:
+                for pos, offset in reserved:
+                    self._memory.abort(offset)
+                    self._ledger.unhold(MEMORY, metas[pos])
+                    self._reserving.discard(keys[pos])
+            raise
+        with self._lock:
+            for pos, offset in reserved:
+                self._publish(keys[pos], metas[pos], offset, now)
+                stored[pos] = True
+            if self._dirty:
+                self._work.notify_all()
+        return stored
+
+    def _reserve(self, meta: BlockMeta, now: float) -> int | None:
+        if not self._ledger.fits_ever(MEMORY, meta):
+            return None
+        self._make_room(MEMORY, meta, now)
+        if not self._ledger.has_room(MEMORY, meta):
+            return None  # what is left of the group's quota is leased
+        offset = self._memory.reserve(meta.nbytes)
+        while offset is None:  # fragmented, or all that is left is leased
+            if not self._evict(MEMORY, slot_bytes(meta.nbytes), now):
+                return None
+            offset = self._memory.reserve(meta.nbytes)
+        self._ledger.hold(MEMORY, meta)
+        return offset
+
+    def _copy_in(self, offset: int, arr: Array) -> None:
+        dst = self._memory.view(offset, arr.nbytes)
+        if arr.flags.c_contiguous:
+            np.copyto(dst, arr.reshape(-1).view(np.uint8))
+        else:  # a strided source is copied straight from its strides into the slot
+            np.copyto(dst.view(arr.dtype).reshape(arr.shape), arr)
+
+    def _publish(self, key: BlockKey, meta: BlockMeta, offset: int, now: float) -> None:
+        self._reserving.discard(key)
+        self._memory.commit(key, offset, meta.nbytes)
+        entry = self._ledger.charge(MEMORY, key, meta, now, held=True)
+        if self._has_lower and not entry.in_tier(DISK):
+            self._dirty[key] = None
+            self._dirty_bytes += meta.nbytes
+
+    # ------------------------------------------------------------- eviction
+
+    def _make_room(self, tier_id: int, meta: BlockMeta, now: float) -> None:
+        group_bytes, _ = self._ledger.room_needed(tier_id, meta)
+        if group_bytes:
+            self._evict(tier_id, group_bytes, now, meta.group)
+        _, tier_bytes = self._ledger.room_needed(tier_id, meta)
+        if tier_bytes:
+            self._evict(tier_id, tier_bytes, now)
+
+    def _evict(
+        self, tier_id: int, nbytes: int, now: float, group: str | None = None
+    ) -> int:
+        """Evicts about ``nbytes`` from a tier; returns how many blocks went."""
+        victims = self._ledger.victims(tier_id, nbytes, now, group)
+        if tier_id == MEMORY:
+            self._demote(victims, now)
+        else:
+            self._drop_disk(victims)
+        self._stats.tiers[LOCAL_TIERS[tier_id]].evictions += len(victims)
+        return len(victims)
+
+    def _demote(self, keys: list[BlockKey], now: float) -> None:
+        """Writes memory victims not yet below to the lower tiers, then frees them."""
+        dirty = [key for key in keys if key in self._dirty]
+        if dirty:
+            writes = [self._plan_write(key, now) for key in dirty]
+            self._finish_writes(writes, self._write_below(writes), now)
+            self._stats.demotions += sum(w.to_disk for w in writes)
+        for key in keys:
+            self._free_memory(key)
+
+    def _free_memory(self, key: BlockKey) -> None:
+        offset = self._memory.detach(key)
+        if offset is None:
+            return
+        if self._slot_readers.get(offset):
+            self._detached.add(offset)  # its last reader frees it
+        else:
+            self._memory.release_slot(offset)
+        self._ledger.discharge(MEMORY, key)
+
+    def _drop_disk(self, keys: Sequence[BlockKey]) -> None:
+        if keys and self._disk is not None:
+            self._disk.delete(keys)
+            for key in keys:
+                self._ledger.discharge(DISK, key)
+
+    def _undirty(self, key: BlockKey) -> None:
+        if self._dirty.pop(key, 0) is None:
+            self._dirty_bytes -= self._index._entries[key].meta.nbytes
+
+    # ------------------------------------------------------ writing below
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._dirty and not self._closed:
+                    self._work.wait()
+                if self._closed:
+                    return  # close() flushes what is left itself
+            self._flush(None)
+
+    def _flush(self, keys: Sequence[BlockKey] | None) -> None:
+        """Writes dirty blocks (``keys``, or a batch of the oldest) to the lower tiers.
+
+        The blocks are leased, so they stay put while the lock is released for the I/O.
+        """
+        now = self._clock()
+        with self._lock:
+            writes = []
+            batch_bytes = 0
+            for key in list(self._dirty) if keys is None else keys:
+                if key in self._dirty:
+                    writes.append(self._plan_write(key, now))
+                    batch_bytes += writes[-1].meta.nbytes
+                    if keys is None and batch_bytes >= _WRITER_BATCH_BYTES:
+                        break
+        if not writes:
+            return
+        oks: list[bool] = []
+        try:
+            oks = self._write_below(writes)
+        finally:
+            with self._lock:
+                self._finish_writes(writes, oks, now)
+
+    def _plan_write(self, key: BlockKey, now: float) -> _Write:
+        """Leases a dirty block and holds room for it on disk. Caller holds the lock."""
+        entry = self._index._entries[key]
+        location = self._memory.location(key)
+        assert location is not None, "a dirty block is always in memory"
+        self._undirty(key)  # in flight now; a failed write leaves it memory-only
+        to_disk = self._disk is not None and self._ledger.fits_ever(DISK, entry.meta)
+        if to_disk:
+            self._make_room(DISK, entry.meta, now)
+            to_disk = self._ledger.has_room(DISK, entry.meta)
+            if to_disk:
+                self._ledger.hold(DISK, entry.meta)
+        lease = self._acquire(key, entry, now)
+        return _Write(key, self._memory.view(*location), entry.meta, lease, to_disk)
+
+    def _write_below(self, writes: list[_Write]) -> list[bool]:
+        """The I/O: disk takes the writes it has room for, the shared tier all."""
+        items = [(w.key, w.payload, w.meta) for w in writes]
+        if self._shared is not None and not all(self._shared.write(items)):
+            with self._lock:
+                self._stats.tiers["shared_fs"].write_failures += 1
+        if self._disk is None:
+            return [False] * len(writes)
+        to_disk = [item for item, w in zip(items, writes, strict=True) if w.to_disk]
+        results = iter(self._disk.write(to_disk) if to_disk else [])
+        return [next(results) if w.to_disk else False for w in writes]
+
+    def _finish_writes(self, writes: list[_Write], oks: list[bool], now: float) -> None:
+        oks = oks or [False] * len(writes)
+        stats = self._stats.tiers.get("disk")
+        for write, ok in zip(writes, oks, strict=True):
+            self._release(write.lease)
+            if not write.to_disk:
+                continue
+            entry = self._index._entries.get(write.key)
+            if ok and entry is not None and not entry.in_tier(DISK):
+                self._ledger.charge(DISK, write.key, write.meta, now, held=True)
+                assert stats is not None
+                stats.blocks_written += 1
+                stats.bytes_written += write.meta.nbytes
+                continue
+            self._ledger.unhold(DISK, write.meta)
+            if ok and entry is None and self._disk is not None:
+                self._disk.delete([write.key])  # deleted while being written
+            elif not ok and stats is not None:
+                stats.write_failures += 1
+
+    # ------------------------------------------------------------------ get
+
+    def get(
+        self, keys: Sequence[BlockKey], *, layout: KVLayout | None = None
+    ) -> list[Array]:
+        """Copies out the leading stored blocks of ``keys``.
+
+        Returns:
+            One new array per leading hit (shaped by ``layout`` when given, else flat
+            ``uint8``); shorter than ``keys`` from the first miss on.
+        """
+        outs: list[Array] = []
+
+        def allocate(nbytes: int) -> Array:
+            outs.append(np.empty(nbytes, dtype=np.uint8))
+            return outs[-1]
+
+        outs = outs[: self._read(keys, allocate)]
+        return [layout.view(a) for a in outs] if layout is not None else outs
+
+    def get_into(
+        self,
+        keys: Sequence[BlockKey],
+        outs: Sequence[Any],
+        *,
+        layout: KVLayout | None = None,
+    ) -> int:
+        """Copies the leading stored blocks of ``keys`` into caller buffers.
+
+        Args:
+            keys: Keys of consecutive blocks. outs: One writable buffer per key (numpy
+            array, CPU torch tensor, bytearray). layout: When given, every buffer must
+            match it.
+
+        Returns:
+            How many leading blocks were copied; buffers past those are untouched.
+
+        Raises:
+            LayoutError: A buffer's size differs from its block's, or from ``layout``.
+        """
+        if len(outs) < len(keys):
+            raise LayoutError(f"got {len(keys)} keys but only {len(outs)} buffers")
+        targets = iter(enumerate(_out_bytes(out, layout) for out in outs))
+
+        def next_target(nbytes: int) -> Array:
+            position, target = next(targets)
+            if target.nbytes != nbytes:
+                raise LayoutError(
+                    f"buffer #{position} holds {target.nbytes} bytes, "
+                    f"the block has {nbytes}"
+                )
+            return target
+
+        return self._read(keys, next_target)
+
+    def _read(
+        self, keys: Sequence[BlockKey], target: Target, count: bool = True
+    ) -> int:
+        """Copies leading hits into ``target(nbytes)`` buffers; returns how many.
+
+        ``count`` is False for prefetches, which are no request's lookups.
+        """
+        now = self._clock()
+        with self._lock:
+            self._check_open()
+            leases = self._lease_prefix(keys, now)
+        copied = 0
+        from_disk: list[tuple[BlockKey, Array]] = []
+        try:
+            for lease in leases:
+                out = target(lease.entry.meta.nbytes)
+                if lease.location is not None:
+                    np.copyto(out, self._memory.view(*lease.location))
+                elif self._read_disk(lease.key, out):
+                    from_disk.append((lease.key, out))
+                else:
+                    break
+                copied += 1
+        finally:
+            with self._lock:
+                self._finish_read(leases, copied, now)
+        self._promote(from_disk)
+        if copied == len(leases):
+            copied += self._read_shared(keys[copied:], target)
+        if count:
+            with self._lock:
+                self._stats.lookups += 1
+                self._stats.hit_blocks += copied
+                self._stats.miss_blocks += len(keys) - copied
+        return copied
+
+    def _lease_prefix(self, keys: Sequence[BlockKey], now: float) -> list[_Lease]:
+        leases = []
+        for key in keys:
+            entry = self._index.get(key, now)
+            if entry is None:
+                break
+            leases.append(self._acquire(key, entry, now))
+        return leases
+
+    def _acquire(self, key: BlockKey, entry: Entry, now: float) -> _Lease:
+        """Holds ``key`` against eviction, and its memory slot against reuse."""
+        entry.num_leases += 1
+        entry.lease_until = max(entry.lease_until, now + _NO_DEADLINE)
+        location = self._memory.location(key)
+        if location is not None:
+            offset = location[0]
+            self._slot_readers[offset] = self._slot_readers.get(offset, 0) + 1
+        return _Lease(key, entry, location)
+
+    def _release(self, lease: _Lease) -> None:
+        """Ends a lease; a slot detached meanwhile is freed by its last reader."""
+        lease.entry.num_leases -= 1
+        if lease.location is None:
+            return
+        offset = lease.location[0]
+        readers = self._slot_readers[offset] - 1
+        if readers:
+            self._slot_readers[offset] = readers
+            return
+        del self._slot_readers[offset]
+        if offset in self._detached:
+            self._detached.remove(offset)
+            self._memory.release_slot(offset)
+
+    def _read_disk(self, key: BlockKey, out: Array) -> bool:
+        assert self._disk is not None
+        if self._disk.read_into(key, out.data):
+            return True
+        with self._lock:  # corrupt or gone: the disk tier quarantined it
+            self._stats.tiers["disk"].num_corrupt += 1
+            self._ledger.discharge(DISK, key)
+        return False
+
+    def _finish_read(self, leases: list[_Lease], copied: int, now: float) -> None:
+        for position, lease in enumerate(leases):
+            self._release(lease)
+            if position < copied:
+                tier = self._stats.tiers["memory" if lease.location else "disk"]
+                tier.hits += 1
+                tier.bytes_read += lease.entry.meta.nbytes
+                self._ledger.touch(lease.key, now)
+
+    def _promote(self, hits: list[tuple[BlockKey, Array]]) -> None:
+        """Copies blocks read from disk into memory (clean: they stay on disk)."""
+        if not hits:
+            return
+        with self._lock:
+            found = [(k, a, self._index._entries.get(k)) for k, a in hits]
+        found = [(k, a, e) for k, a, e in found if e is not None]
+        stored = self._store(
+            [k for k, _, _ in found],
+            [a for _, a, _ in found],
+            [e.meta for _, _, e in found if e is not None],
+            promote=True,
+        )
+        with self._lock:
+            self._stats.promotions += sum(stored)
+
+    def _read_shared(self, keys: Sequence[BlockKey], target: Target) -> int:
+        """Continues a prefix from the shared tier once the local tiers run out.
+
+        Blocks found there are put in memory and written down like any put.
+        """
+        if self._shared is None:
+            return 0
+        found = 0
+        for key in keys:
+            meta = self._shared.meta(key, self._clock())
+            if meta is None:
+                break
+            out = target(meta.nbytes)
+            if not self._shared.read_into(key, out.data, self._clock()):
+                break
+            self._store([key], [out], [meta], promote=False)
+            found += 1
+        with self._lock:
+            self._stats.tiers["shared_fs"].hits += found
+        return found
+
+    # ---------------------------------------------------------- match & co
+
+    def match(self, keys: Sequence[BlockKey], *, window: int | None = None) -> Match:
+        """How many leading blocks of a prompt are stored, and where. No side effects.
+
+        Args:
+            keys: The prompt's block keys, in order.
+            window: For sliding-window attention, the number of blocks the model
+                attends to: the answer is then the longest prefix whose last
+                ``window`` blocks are stored.
+        """
+        now = self._clock()
+        with self._lock:
+            self._check_open()
+            if window is None:
+                result = self._index.match_prefix(keys, now)
+            else:
+                result = self._index.match_window(keys, window, now)
+        tiers = tuple(LOCAL_TIERS[t] for t in result.tiers)
+        if (
+            window is None
+            and self._shared is not None
+            and result.num_blocks < len(keys)
+        ):
+            extra = 0
+            for present in self._shared.contains(keys[result.num_blocks :]):
+                if not present:
+                    break
+                extra += 1
+            return Match(result.num_blocks + extra, tiers + ("shared_fs",) * extra)
+        return Match(result.num_blocks, tiers)
+
+    def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """For each key, in any order, whether some tier stores it."""
+        now = self._clock()
+        with self._lock:
+            self._check_open()
+            present = self._index.match_exact(keys, now)
+        if self._shared is not None:
+            missing = [k for k, p in zip(keys, present, strict=True) if not p]
+            found = dict(zip(missing, self._shared.contains(missing), strict=True))
+            present = [
+                p or found.get(k, False) for k, p in zip(keys, present, strict=True)
+            ]
+        return present
+
+    def delete(self, keys: Sequence[BlockKey]) -> int:
+        """Removes blocks from every tier; returns how many were stored."""
+        with self._lock:
+            self._check_open()
+            removed = sum(self._remove(key) for key in keys)
+        if self._shared is not None:
+            removed = max(removed, self._shared.delete(keys))
+        return removed
+
+    def _remove(self, key: BlockKey) -> bool:
+        if key not in self._index:
+            return False
+        self._undirty(key)
+        self._free_memory(key)
+        if self._ledger.holds(DISK, key):
+            self._drop_disk([key])
+        self._index.remove(key)
+        return True
+
+    def list(
+        self, group: str | None = None, limit: int | None = None
+    ) -> list[BlockInfo]:
+        """Blocks of the local tiers, optionally of one quota group only."""
+        now = self._clock()
+        infos = []
+        with self._lock:
+            self._check_open()
+            for key, entry in self._index.items():
+                if self._index.get(key, now) is None:
+                    continue
+                if group is not None and entry.meta.group != group:
+                    continue
+                tiers = tuple(n for t, n in enumerate(LOCAL_TIERS) if entry.in_tier(t))
+                meta = entry.meta
+                infos.append(
+                    BlockInfo(key, meta.nbytes, meta.group, tiers, meta.expire_at)
+                )
+                if limit is not None and len(infos) >= limit:
+                    break
+        return infos
+
+    def prefetch(self, keys: Sequence[BlockKey]) -> concurrent.futures.Future[int]:
+        """Starts promoting the leading stored blocks of ``keys`` into memory.
+
+        Returns:
+            A future of how many leading blocks are in memory once it is done.
+        """
+        self._check_open()
+        return self._prefetcher.submit(self._prefetch, list(keys))
+
+    def _prefetch(self, keys: Sequence[BlockKey]) -> int:
+        match = self.match(keys)
+        cold = [k for k, t in zip(keys, match.tiers, strict=False) if t != "memory"]
+        if cold:
+            self._read(cold, lambda nbytes: np.empty(nbytes, dtype=np.uint8), False)
+        return self.match(keys).tiers.count("memory")
+
+    # ---------------------------------------------------------- TTL & stats
+
+    def expire(self, now: float | None = None) -> int:
+        """Removes every block whose time has passed; returns how many."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            expired = [key for key in self._index.expired(now) if self._remove(key)]
+            self._stats.expired_blocks += len(expired)
+        return len(expired)
+
+    def _cleanup_loop(self) -> None:
+        while not self._stop.wait(self.config.store.cleanup_interval):
+            self.expire()
+
+    def stats(self) -> StoreStats:
+        """A consistent snapshot of counters, usage and per-group bytes."""
+        with self._lock:
+            tiers = {
+                name: TierStats(**vars(s)) for name, s in self._stats.tiers.items()
+            }
+            for tier_id, account in enumerate(self._ledger.accounts):
+                tier = tiers[LOCAL_TIERS[tier_id]]
+                tier.capacity_bytes = account.budget.capacity_bytes
+                tier.used_bytes = account.budget.used_bytes
+                tier.num_blocks = len(account.policy)
+            snapshot = StoreStats(**{**vars(self._stats), "tiers": tiers})
+            snapshot.dirty_blocks = len(self._dirty)
+            snapshot.group_bytes = {
+                LOCAL_TIERS[t]: usage for t, usage in enumerate(self._ledger.usage())
+            }
+        if self._disk is not None:
+            tiers["disk"].num_corrupt = self._disk.stats().num_corrupt
+        if self._shared is not None:
+            shared = self._shared.stats()
+            tiers["shared_fs"].num_corrupt = shared.num_corrupt
+            tiers["shared_fs"].bytes_written = shared.bytes_written
+            tiers["shared_fs"].bytes_read = shared.bytes_read
+        return snapshot
+
+    # ------------------------------------------------------------ lifecycle
+
+    def flush(self) -> None:
+        """Writes every block not yet below to the lower tiers."""
+        while self._dirty:
+            before = len(self._dirty)
+            self._flush(list(self._dirty))
+            if len(self._dirty) >= before:  # nothing could be written
+                break
+
+    def close(self) -> None:
+        """Flushes, stops background work and releases the tiers. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+        self.flush()
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        self._prefetcher.shutdown(wait=True)
+        self._memory.close()
+        for tier in (self._disk, self._shared):
+            if tier is not None:
+                tier.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+
+
+def _out_bytes(out: Any, layout: KVLayout | None) -> Array:
+    arr = layout.block_array(out) if layout is not None else as_block_array(out)
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise LayoutError("output buffers must be C-contiguous and writable")
+    return arr.reshape(-1).view(np.uint8)
+
+
+def _open_disk(config: Config) -> DiskTier | None:
+    if not config.disk.enabled:
+        return None
+    return DiskTier(
+        config.disk_path,
+        capacity_bytes=config.disk.capacity_bytes,
+        segment_bytes=config.disk.segment_bytes,
+        fsync=config.disk.fsync,
+        compression=config.disk.compression,
+    )
+
+
+def _open_shared(config: Config) -> SharedFSTier | None:
+    shared = config.shared_fs
+    if not shared.path:
+        return None
+    return SharedFSTier(
+        shared.path,
+        capacity_bytes=shared.capacity_bytes,
+        compression=shared.compression,
+        fsync=shared.fsync,
+        high_watermark=config.store.high_watermark,
+        low_watermark=config.store.low_watermark,
+    )
+
+
+def _accounts(config: Config, with_disk: bool) -> list[TierAccount]:
+    marks = (config.store.high_watermark, config.store.low_watermark)
+    quotas = config.store.quotas
+    accounts = [
+        TierAccount.create(
+            make_policy(config.memory.policy),
+            config.memory.capacity_bytes,
+            {g: q.memory_bytes for g, q in quotas.items()},
+            *marks,
+        )
+    ]
+    if with_disk:
+        accounts.append(
+            TierAccount.create(
+                make_policy(config.disk.policy),
+                config.disk.capacity_bytes,
+                {g: q.disk_bytes for g, q in quotas.items()},
+                *marks,
+            )
+        )
+    return accounts

@@ -1,0 +1,112 @@
+"""The house: the public API list, the README's commands, CI, docs, layering."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvtier
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "kvtier"
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```(bash[^\n]*)\n(.*?)```", text, flags=re.S)
+
+
+def test_public_api_is_exactly_all() -> None:
+    """Every kvtier class and function at the top level is in __all__, and back."""
+    ours = {
+        name
+        for name, obj in vars(kvtier).items()
+        if not name.startswith("_")
+        and getattr(obj, "__module__", "").startswith("kvtier")
+    }
+    assert set(kvtier.__all__) - {"__version__"} == ours
+    assert len(set(kvtier.__all__)) == len(kvtier.__all__)
+
+
+def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second() -> None:
+    blocks = readme_blocks()
+    assert [info for info, _ in blocks[:2]] == ["bash", "bash test"]
+    first, second = (body.strip() for _, body in blocks[:2])
+    assert first.startswith("python -m pip install .") and "kvtier " in first
+    assert "pytest" in (ROOT / "scripts" / "check").read_text()
+    out = subprocess.run(
+        ["sed", "-n", "/^```bash test$/{n;p;q}", "README.md"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == second
+    assert "README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_core_imports_nothing_above_it() -> None:
+    """core/ is pure: no I/O modules, no threads, no torch, nothing of kvtier above."""
+    banned = {"os", "threading", "socket", "sqlite3", "torch", "asyncio", "mmap"}
+    for path in (PACKAGE / "core").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
+                if name.startswith("kvtier."):
+                    assert name.startswith(("kvtier.core", "kvtier.errors")), (
+                        f"{path.name} imports {name}"
+                    )
+
+
+def test_nothing_imports_the_cli() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "cli.py":
+            assert "kvtier.cli" not in path.read_text(), path
+
+
+def test_every_command_has_help() -> None:
+    for args in (
+        ["--help"],
+        ["info", "--help"],
+        ["bench", "store", "--help"],
+        ["check", "--help"],
+        ["config", "--help"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "kvtier.cli", *args], capture_output=True, text=True
+        )
+        assert out.returncode == 0 and "usage:" in out.stdout, args
+
+
+@pytest.mark.slow
+def test_first_readme_command_works_from_a_fresh_clone(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
+    )
+    first = readme_blocks()[0][1].strip()
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["bash", "-c", first],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory put vs numpy.copyto" in out.stdout

@@ -1,0 +1,338 @@
+"""TieredStore: put / get / match across tiers, eviction, TTL, quotas, leases."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kvtier
+from kvtier import KVLayout, Namespace, TieredStore, block_keys
+from kvtier.config import Config
+from kvtier.core.keys import BlockKey, KeyChain
+from kvtier.errors import LayoutError, StoreClosedError
+
+KiB = 1024
+LAYOUT = KVLayout(
+    num_layers=2, num_kv_heads=4, head_dim=32, dtype="float16", block_tokens=16
+)  # 16 KiB blocks
+NS = Namespace("test-model", layout_id=LAYOUT.layout_id, block_tokens=16)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(
+    tmp_path: Path, clock: Callable[[], float] | None = None, **overrides: Any
+) -> TieredStore:
+    settings = {
+        "store.data_dir": str(tmp_path / "data"),
+        "memory.capacity_bytes": 256 * KiB,
+        "disk.capacity_bytes": 4096 * KiB,
+        "memory.slab_bytes": 64 * KiB,
+        **{k.replace("__", "."): v for k, v in overrides.items()},
+    }
+    config = Config().replace(settings)
+    if clock is None:
+        return TieredStore(config)
+    return TieredStore(config, clock=clock)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TieredStore]:
+    with make_store(tmp_path) as s:
+        yield s
+
+
+def blocks_for(keys: Any, seed: int = 0) -> list[np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(LAYOUT.block_shape).astype(np.float16) for _ in keys]
+
+
+def prompt(length_blocks: int, start: int = 0) -> KeyChain:
+    return block_keys(NS, list(range(start, start + length_blocks * 16)))
+
+
+def test_put_then_get_returns_the_same_bytes(store: TieredStore) -> None:
+    keys = prompt(4)
+    blocks = blocks_for(keys)
+    result = store.put(keys, blocks, layout=LAYOUT)
+    assert result and result.num_stored == 4
+    got = store.get(keys, layout=LAYOUT)
+    assert len(got) == 4
+    for a, b in zip(got, blocks, strict=True):
+        assert a.shape == LAYOUT.block_shape and np.array_equal(a, b)
+
+
+def test_get_into_fills_caller_buffers_and_stops_at_the_first_miss(
+    store: TieredStore,
+) -> None:
+    keys = prompt(5)
+    blocks = blocks_for(keys)
+    store.put(keys[:3], blocks[:3], layout=LAYOUT)
+    outs = [np.zeros(LAYOUT.block_shape, dtype=np.float16) for _ in keys]
+    assert store.get_into(keys, outs, layout=LAYOUT) == 3
+    assert all(np.array_equal(outs[i], blocks[i]) for i in range(3))
+    assert not outs[3].any()
+    with pytest.raises(LayoutError, match="holds 8 bytes, the block has"):
+        store.get_into(keys[:1], [bytearray(8)])
+
+
+def test_match_prefix_window_and_contains(store: TieredStore) -> None:
+    keys = prompt(6)
+    blocks = blocks_for(keys)
+    stored = [0, 1, 3, 4, 5]
+    store.put([keys[i] for i in stored], [blocks[i] for i in stored], layout=LAYOUT)
+    match = store.match(keys)
+    assert match.num_blocks == 2 and match.tiers == ("memory", "memory")
+    assert store.match(keys, window=3).num_blocks == 6
+    assert store.match(keys, window=4).num_blocks == 2
+    assert store.contains([keys[2], keys[5], BlockKey(b"x" * 16)]) == [
+        False,
+        True,
+        False,
+    ]
+
+
+def test_layout_errors_name_expected_and_got(store: TieredStore) -> None:
+    keys = prompt(1)
+    with pytest.raises(LayoutError, match="float16.*got float32"):
+        store.put(keys, [np.zeros(LAYOUT.block_shape, dtype=np.float32)], layout=LAYOUT)
+    with pytest.raises(LayoutError, match=r"got shape \(1, 2, 3\)"):
+        store.put(keys, [np.zeros((1, 2, 3), dtype=np.float16)], layout=LAYOUT)
+    with pytest.raises(LayoutError, match="got 10 bytes"):
+        store.put(keys, [b"0123456789"], layout=LAYOUT)
+    with pytest.raises(LayoutError, match="1 keys but 2 blocks"):
+        store.put(keys, blocks_for(range(2)), layout=LAYOUT)
+    assert store.match(keys).num_blocks == 0
+
+
+def test_put_beyond_capacity_is_false_and_the_store_is_intact(tmp_path: Path) -> None:
+    with make_store(tmp_path, disk__enabled=False) as store:
+        keys = prompt(2)
+        blocks = blocks_for(keys)
+        assert store.put(keys, blocks, layout=LAYOUT)
+        huge = np.zeros(512 * KiB, dtype=np.uint8)  # larger than all of memory
+        result = store.put([BlockKey(b"h" * 16)], [huge])
+        assert not result and result.stored == (False,)
+        assert store.stats().refused_blocks == 1
+        assert all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                store.get(keys),
+                map(lambda b: b.reshape(-1).view(np.uint8), blocks),
+                strict=True,
+            )
+        )
+
+
+def test_memory_only_store_evicts_in_policy_order(tmp_path: Path) -> None:
+    with make_store(tmp_path, disk__enabled=False, memory__policy="lru") as store:
+        chains = [prompt(1, start=1000 * i) for i in range(16)]
+        for chain in chains:
+            assert store.put(chain, blocks_for(chain), layout=LAYOUT)
+        # 16 x 16 KiB = 256 KiB > 90% of 256 KiB: the oldest went first
+        present = [store.match(chain).num_blocks for chain in chains]
+        assert present[0] == 0 and present[-1] == 1
+        assert store.stats().tiers["memory"].evictions == present.count(0)
+        assert present == sorted(present)  # LRU: a prefix of the oldest is gone
+
+
+def test_memory_evictions_are_demoted_to_disk_and_promoted_back(tmp_path: Path) -> None:
+    with make_store(tmp_path, store__write_policy="write_back") as store:
+        keys = prompt(40)  # 640 KiB through a 256 KiB memory
+        blocks = blocks_for(keys)
+        for i in range(0, 40, 4):
+            assert store.put(keys[i : i + 4], blocks[i : i + 4], layout=LAYOUT)
+        stats = store.stats()
+        assert stats.demotions > 0 and stats.tiers["disk"].num_blocks == stats.demotions
+        match = store.match(keys)
+        assert match.num_blocks == 40 and match.tiers[0] == "disk"
+        got = store.get(keys[:2], layout=LAYOUT)
+        assert all(np.array_equal(a, b) for a, b in zip(got, blocks, strict=False))
+        assert store.match(keys[:2]).tiers == ("memory", "memory")
+        assert store.stats().promotions == 2
+
+
+def test_write_through_is_on_disk_when_put_returns(tmp_path: Path) -> None:
+    with make_store(tmp_path, store__write_policy="write_through") as store:
+        keys = prompt(3)
+        store.put(keys, blocks_for(keys), layout=LAYOUT)
+        assert store.stats().tiers["disk"].num_blocks == 3
+        assert store.stats().dirty_blocks == 0
+
+
+def test_write_back_reaches_disk_only_on_eviction_or_close(tmp_path: Path) -> None:
+    with make_store(tmp_path, store__write_policy="write_back") as store:
+        keys = prompt(3)
+        store.put(keys, blocks_for(keys), layout=LAYOUT)
+        stats = store.stats()
+        assert stats.tiers["disk"].num_blocks == 0 and stats.dirty_blocks == 3
+    with make_store(tmp_path) as reopened:  # close() flushed them
+        assert reopened.match(keys).tiers == ("disk",) * 3
+
+
+def test_write_behind_survives_reopen(tmp_path: Path) -> None:
+    keys = prompt(5)
+    blocks = blocks_for(keys)
+    with make_store(tmp_path) as store:
+        store.put(keys, blocks, layout=LAYOUT)
+        store.flush()
+        assert store.stats().dirty_blocks == 0
+    with make_store(tmp_path) as store:
+        got = store.get(keys, layout=LAYOUT)
+        assert len(got) == 5
+        assert all(np.array_equal(a, b) for a, b in zip(got, blocks, strict=True))
+
+
+def test_expired_blocks_are_never_returned(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with make_store(tmp_path, clock, store__kv_expire_time=60) as store:
+        keys = prompt(2)
+        store.put(keys, blocks_for(keys), layout=LAYOUT)
+        store.flush()
+        clock.now += 59.9
+        assert store.match(keys).num_blocks == 2
+        clock.now += 0.1
+        assert store.match(keys).num_blocks == 0
+        assert store.get(keys) == []
+        assert store.contains(list(keys)) == [False, False]
+        assert store.expire() == 2
+        stats = store.stats()
+        assert stats.expired_blocks == 2 and stats.tiers["memory"].used_bytes == 0
+        assert stats.tiers["disk"].num_blocks == 0
+    with make_store(tmp_path, clock) as reopened:
+        assert reopened.match(keys).num_blocks == 0
+
+
+def test_quota_evicts_only_the_groups_own_blocks(tmp_path: Path) -> None:
+    quotas = {"acme": {"memory_bytes": 64 * KiB}}
+    with make_store(tmp_path, disk__enabled=False, store__quotas=quotas) as store:
+        acme = Namespace(
+            "m", layout_id=LAYOUT.layout_id, block_tokens=16, tenant="acme"
+        )
+        other = Namespace("m", layout_id=LAYOUT.layout_id, block_tokens=16, tenant="b")
+        other_keys = block_keys(other, list(range(16 * 4)))
+        assert store.put(other_keys, blocks_for(other_keys), layout=LAYOUT)
+        acme_keys = block_keys(acme, list(range(16 * 8)))
+        for i in range(8):
+            assert store.put(acme_keys[i : i + 1], blocks_for([0]), layout=LAYOUT)
+        assert store.match(other_keys).num_blocks == 4
+        assert sum(store.contains(list(acme_keys))) <= 4
+        assert store.stats().group_bytes["memory"]["acme"] <= 64 * KiB
+        assert store.list(group="acme")
+        assert all(info.group == "acme" for info in store.list(group="acme"))
+
+
+def test_a_leased_block_is_not_evicted_and_a_deleted_one_waits_for_its_reader(
+    tmp_path: Path,
+) -> None:
+    with make_store(tmp_path, disk__enabled=False, memory__policy="lru") as store:
+        keys = prompt(1)
+        store.put(keys, blocks_for(keys), layout=LAYOUT)
+        with store._lock:
+            leases = store._lease_prefix(keys, store._clock())
+        assert len(leases) == 1
+        for i in range(1, 40):  # enough to evict everything unleased many times
+            chain = prompt(1, start=1000 * i)
+            store.put(chain, blocks_for(chain), layout=LAYOUT)
+        assert store.match(keys).num_blocks == 1
+        assert store.delete(keys) == 1
+        assert store.match(keys).num_blocks == 0
+        used = store._memory.used_bytes
+        with store._lock:
+            store._release(leases[0])
+        assert store._memory.used_bytes == used - 16 * KiB
+
+
+def test_delete_and_list(store: TieredStore) -> None:
+    keys = prompt(3)
+    store.put(keys, blocks_for(keys), layout=LAYOUT)
+    infos = store.list()
+    assert {info.key for info in infos} == set(keys)
+    assert all(
+        info.nbytes == LAYOUT.block_bytes and info.group == "default" for info in infos
+    )
+    assert store.delete([keys[1], BlockKey(b"z" * 16)]) == 1
+    assert store.match(keys).num_blocks == 1
+    assert len(store.list(limit=1)) == 1
+
+
+def test_prefetch_promotes_disk_blocks(tmp_path: Path) -> None:
+    keys = prompt(3)
+    with make_store(tmp_path) as store:
+        store.put(keys, blocks_for(keys), layout=LAYOUT)
+    with make_store(tmp_path) as store:
+        assert store.match(keys).tiers == ("disk",) * 3
+        assert store.prefetch(keys).result(timeout=30) == 3
+        assert store.match(keys).tiers == ("memory",) * 3
+        assert store.stats().lookups == 0  # prefetches are not request lookups
+
+
+def test_shared_fs_tier_serves_blocks_between_stores(tmp_path: Path) -> None:
+    shared = str(tmp_path / "shared")
+    keys = prompt(3)
+    blocks = blocks_for(keys)
+    with make_store(
+        tmp_path / "a", shared_fs__path=shared, store__write_policy="write_through"
+    ) as a:
+        a.put(keys, blocks, layout=LAYOUT)
+    with make_store(tmp_path / "b", shared_fs__path=shared) as b:
+        match = b.match(keys)
+        assert match.num_blocks == 3 and match.tiers == ("shared_fs",) * 3
+        got = b.get(keys, layout=LAYOUT)
+        assert all(np.array_equal(x, y) for x, y in zip(got, blocks, strict=True))
+        assert b.match(keys).tiers == ("memory",) * 3
+
+
+def test_closed_store_refuses_calls(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(StoreClosedError):
+        store.match(prompt(1))
+
+
+def test_async_store_is_the_same_store(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with kvtier.open_async(
+            overrides={
+                "store.data_dir": str(tmp_path / "d"),
+                "memory.capacity_bytes": "1MiB",
+            }
+        ) as store:
+            keys = prompt(2)
+            blocks = blocks_for(keys)
+            assert await store.put(keys, blocks, layout=LAYOUT)
+            assert (await store.match(keys)).num_blocks == 2
+            got = await store.get(keys, layout=LAYOUT)
+            assert all(np.array_equal(a, b) for a, b in zip(got, blocks, strict=True))
+            assert await store.prefetch(keys) == 2
+            assert await store.delete(keys) == 2
+            assert (await store.stats()).put_blocks == 2
+
+    asyncio.run(scenario())
+
+
+def test_torch_tensors_go_in_and_out(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    layout = KVLayout(
+        num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16", block_tokens=8
+    )
+    with make_store(tmp_path) as store:
+        ns = Namespace("m", layout_id=layout.layout_id, block_tokens=8)
+        keys = block_keys(ns, torch.arange(32))
+        tensors = [torch.randn(layout.block_shape).to(torch.bfloat16) for _ in keys]
+        assert store.put(keys, tensors, layout=layout)
+        outs = [torch.empty(layout.block_shape, dtype=torch.bfloat16) for _ in keys]
+        assert store.get_into(keys, outs, layout=layout) == 4
+        assert all(torch.equal(a, b) for a, b in zip(outs, tensors, strict=True))
