@@ -54,7 +54,7 @@ def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second() -> No
 def test_core_imports_nothing_above_it() -> None:
     """core/ is pure: no I/O modules, no threads, no torch, nothing of kvtier above."""
     banned = {"os", "threading", "socket", "sqlite3", "torch", "asyncio", "mmap"}
-    for path in (PACKAGE / "core").glob("*.py"):
+    for path in (PACKAGE / "core").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names: list[str] = []

@@ -233,25 +233,78 @@ def test_quota_evicts_only_the_groups_own_blocks(tmp_path: Path) -> None:
         assert all(info.group == "acme" for info in store.list(group="acme"))
 
 
-def test_a_leased_block_is_not_evicted_and_a_deleted_one_waits_for_its_reader(
-    tmp_path: Path,
-) -> None:
+def fill_memory(store: TieredStore, count: int = 40) -> None:
+    """Puts enough other blocks to evict everything unleased many times over."""
+    for i in range(1, count):
+        chain = prompt(1, start=1000 * i)
+        store.put(chain, blocks_for(chain), layout=LAYOUT)
+
+
+def test_a_leased_block_is_not_evicted_and_reads_in_place(tmp_path: Path) -> None:
     with make_store(tmp_path, disk__enabled=False, memory__policy="lru") as store:
+        keys = prompt(2)
+        blocks = blocks_for(keys)
+        store.put(keys, blocks, layout=LAYOUT)
+        with store.lease(keys) as lease:
+            assert lease.num_blocks == 2 and lease.keys == tuple(keys)
+            fill_memory(store)
+            assert store.match(keys).num_blocks == 2
+            view = lease.views[0]
+            assert not view.flags.writeable
+            assert np.array_equal(view, blocks[0].reshape(-1).view(np.uint8))
+        fill_memory(store)
+        assert store.match(keys).num_blocks == 0  # released: evictable again
+
+
+def test_a_crashed_readers_lease_runs_out(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with make_store(
+        tmp_path, clock, disk__enabled=False, store__lease_seconds=5
+    ) as store:
         keys = prompt(1)
         store.put(keys, blocks_for(keys), layout=LAYOUT)
-        with store._lock:
-            leases = store._lease_prefix(keys, store._clock())
-        assert len(leases) == 1
-        for i in range(1, 40):  # enough to evict everything unleased many times
-            chain = prompt(1, start=1000 * i)
-            store.put(chain, blocks_for(chain), layout=LAYOUT)
+        lease = store.lease(keys)  # never released: the reader "crashed"
+        fill_memory(store)
         assert store.match(keys).num_blocks == 1
+        clock.now += 5
+        fill_memory(store)
+        assert store.match(keys).num_blocks == 0
+        lease.release()  # a late release after the slot was reused is harmless
+
+
+def test_a_block_deleted_while_read_keeps_its_slot_until_released(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    with make_store(tmp_path, clock, disk__enabled=False) as store:
+        keys = prompt(1)
+        store.put(keys, blocks_for(keys), layout=LAYOUT)
+        used = store._memory.used_bytes
+        lease = store.lease(keys)
         assert store.delete(keys) == 1
         assert store.match(keys).num_blocks == 0
-        used = store._memory.used_bytes
-        with store._lock:
-            store._release(leases[0])
-        assert store._memory.used_bytes == used - 16 * KiB
+        assert store._memory.used_bytes == used  # the reader still copies from it
+        lease.release()
+        assert store._memory.used_bytes == 0
+        other = prompt(1, start=99)
+        assert store.put(other, blocks_for(other), layout=LAYOUT)
+        lease = store.lease(other)  # this reader never releases
+        assert lease.num_blocks == 1
+        store.delete(list(lease.keys))
+        clock.now += store.config.store.lease_seconds
+        store.expire()  # the sweep frees slots whose readers' leases ran out
+        assert store._memory.used_bytes == 0
+
+
+def test_lease_promotes_disk_blocks_into_memory(tmp_path: Path) -> None:
+    keys = prompt(2)
+    blocks = blocks_for(keys)
+    with make_store(tmp_path) as store:
+        store.put(keys, blocks, layout=LAYOUT)
+    with make_store(tmp_path) as store, store.lease(keys) as lease:
+        assert lease.num_blocks == 2
+        assert store.match(keys).tiers == ("memory", "memory")
+        assert np.array_equal(lease.views[1], blocks[1].reshape(-1).view(np.uint8))
 
 
 def test_delete_and_list(store: TieredStore) -> None:

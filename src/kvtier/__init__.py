@@ -33,7 +33,14 @@ from kvtier.errors import (
     StoreClosedError,
 )
 from kvtier.layout import KVLayout, to_torch
-from kvtier.results import BlockInfo, Match, PutResult, StoreStats, TierStats
+from kvtier.results import (
+    BlockInfo,
+    BlockLease,
+    Match,
+    PutResult,
+    StoreStats,
+    TierStats,
+)
 from kvtier.store import TieredStore
 
 __version__ = "0.1.0"
@@ -42,6 +49,7 @@ __all__ = [
     "AsyncTieredStore",
     "BlockInfo",
     "BlockKey",
+    "BlockLease",
     "BlockMeta",
     "Config",
     "ConfigError",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from kvtier.core.keys import BlockKey
 
-__all__ = ["BlockInfo", "Match", "PutResult", "StoreStats", "TierStats"]
+__all__ = ["BlockInfo", "BlockLease", "Match", "PutResult", "StoreStats", "TierStats"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,43 @@ class BlockInfo:
     group: str
     tiers: tuple[str, ...]
     expire_at: float
+
+
+class BlockLease:
+    """Blocks leased for reading in place, straight out of the memory arena.
+
+    ``views[i]`` is a read-only ``uint8`` view of block ``keys[i]``, valid until the
+    lease is released or runs out (``store.lease_seconds``): after that its slot may
+    hold another block. Release it with :meth:`release` or a ``with`` block.
+    """
+
+    def __init__(
+        self,
+        keys: tuple[BlockKey, ...],
+        views: list[np.ndarray[Any, Any]],
+        deadline: float,
+        release: Callable[[], None],
+    ) -> None:
+        self.keys = keys
+        self.views = views
+        self.deadline = deadline
+        self._release: Callable[[], None] | None = release
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.keys)
+
+    def release(self) -> None:
+        """Ends the lease (idempotent); the views must not be used afterwards."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> BlockLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass

@@ -25,56 +25,39 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from kvtier._placement import DISK, LOCAL_TIERS, Lease, Placement, accounts
 from kvtier.config import Config
-from kvtier.core.alloc import slot_bytes
-from kvtier.core.index import BlockIndex, BlockMeta, Entry
+from kvtier.core.index import BlockIndex, BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain
-from kvtier.core.ledger import Ledger, TierAccount
-from kvtier.core.policy import make_policy
+from kvtier.core.ledger import Ledger
 from kvtier.errors import LayoutError, StoreClosedError
 from kvtier.layout import KVLayout, as_block_array
-from kvtier.results import BlockInfo, Match, PutResult, StoreStats, TierStats
-from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.memory import MemoryTier
-from kvtier.tiers.shared_fs import SharedFSTier
+from kvtier.results import (
+    BlockInfo,
+    BlockLease,
+    Match,
+    PutResult,
+    StoreStats,
+    TierStats,
+)
+from kvtier.tiers import open_tiers
 
 __all__ = ["TieredStore"]
 
 log = logging.getLogger(__name__)
 
-MEMORY, DISK = 0, 1
-LOCAL_TIERS = ("memory", "disk")
 _WRITER_BATCH_BYTES = 64 << 20
-_NO_DEADLINE = math.inf  # in-process readers cannot die apart from the store
+# A reader in this process cannot die apart from the store, so its lease needs no
+# clock: it ends in a finally. Clock-bounded leases are for readers elsewhere (lease()).
+_UNTIL_RELEASED = math.inf
 
 Array = np.ndarray[Any, Any]
 Target = Callable[[int], Array]
-
-
-@dataclass(frozen=True, slots=True)
-class _Lease:
-    """One reader's hold on a block, and on its memory slot when it has one."""
-
-    key: BlockKey
-    entry: Entry
-    location: tuple[int, int] | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Write:
-    """One dirty block on its way to the lower tiers."""
-
-    key: BlockKey
-    payload: Array
-    meta: BlockMeta
-    lease: _Lease
-    to_disk: bool
 
 
 class TieredStore:
@@ -94,21 +77,13 @@ class TieredStore:
         self._work = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._closed = False
-        self._memory = MemoryTier(
-            config.memory.capacity_bytes,
-            slab_bytes=config.memory.slab_bytes,
-            huge_pages=config.memory.huge_pages,
-        )
-        self._disk = _open_disk(config)
-        self._shared = _open_shared(config)
-        self._ledger = Ledger(BlockIndex(), _accounts(config, self._disk is not None))
+        self._memory, self._disk, self._shared = open_tiers(config)
+        self._ledger = Ledger(BlockIndex(), accounts(config, self._disk is not None))
         self._index = self._ledger.index
         self._stats = StoreStats({name: TierStats(name) for name in self.tier_names})
-        self._reserving: set[BlockKey] = set()  # keys a put is copying in
-        self._dirty: dict[BlockKey, None] = {}  # in memory, not yet below (in order)
-        self._dirty_bytes = 0
-        self._slot_readers: dict[int, int] = {}  # memory offset -> leases on it
-        self._detached: set[int] = set()  # offsets unpublished while being read
+        self._place = Placement(
+            self._ledger, self._memory, self._disk, self._shared, self._stats
+        )
         self._reload_disk()
         self._prefetcher = concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="kvtier-prefetch"
@@ -116,7 +91,7 @@ class TieredStore:
         self._threads = [
             threading.Thread(target=self._cleanup_loop, name="kvtier-ttl", daemon=True)
         ]
-        if self._has_lower and config.store.write_policy == "write_behind":
+        if self._place.has_lower and config.store.write_policy == "write_behind":
             self._threads.append(
                 threading.Thread(
                     target=self._writer_loop, name="kvtier-writer", daemon=True
@@ -135,21 +110,22 @@ class TieredStore:
             names.append("shared_fs")
         return tuple(names)
 
-    @property
-    def _has_lower(self) -> bool:
-        return self._disk is not None or self._shared is not None
-
     def _reload_disk(self) -> None:
         """Rebuilds the index and the disk policy from what the disk tier persisted."""
         if self._disk is None:
             return
         now = self._clock()
-        expired = []
-        for key, meta in self._disk.entries():
-            if meta.expire_at <= now:
-                expired.append(key)
-            else:
-                self._ledger.charge(DISK, key, meta, now, held=False)
+        expired: list[BlockKey] = []
+
+        def live() -> Iterator[tuple[BlockKey, BlockMeta]]:
+            assert self._disk is not None
+            for key, meta in self._disk.entries():
+                if meta.expire_at <= now:
+                    expired.append(key)
+                else:
+                    yield key, meta
+
+        self._ledger.load(DISK, live(), now)
         if expired:
             self._disk.delete(expired)
             self._stats.expired_blocks += len(expired)
@@ -192,10 +168,10 @@ class TieredStore:
         metas = self._metas(keys, arrays, self._clock())
         stored = self._store(list(keys), arrays, metas, promote=False)
         policy = self.config.store.write_policy
-        if self._has_lower and policy == "write_through":
+        if self._place.has_lower and policy == "write_through":
             self._flush([k for k, ok in zip(keys, stored, strict=True) if ok])
         elif policy == "write_behind" and (
-            self._dirty_bytes > self.config.store.write_queue_bytes
+            self._place.dirty_bytes > self.config.store.write_queue_bytes
         ):
             self._flush(None)  # the writer is behind: this put helps (backpressure)
         return PutResult(tuple(stored))
@@ -229,19 +205,20 @@ class TieredStore:
         tier and stay there) skips keys already in memory.
         """
         now = self._clock()
+        place = self._place
         stored = [False] * len(keys)
         reserved: list[tuple[int, int]] = []  # (position, offset)
         with self._lock:
             self._check_open()
             for pos, key in enumerate(keys):
-                if key in self._reserving or (
+                if key in place.reserving or (
                     key in self._memory if promote else self._ledger.touch(key, now)
                 ):
                     stored[pos] = True
                     continue
-                offset = self._reserve(metas[pos], now)
+                offset = place.reserve(metas[pos], now)
                 if offset is not None:
-                    self._reserving.add(key)
+                    place.reserving.add(key)
                     reserved.append((pos, offset))
             if not promote:
                 self._stats.put_blocks += len(reserved)
@@ -252,31 +229,15 @@ class TieredStore:
         except BaseException:
             with self._lock:
                 for pos, offset in reserved:
-                    self._memory.abort(offset)
-                    self._ledger.unhold(MEMORY, metas[pos])
-                    self._reserving.discard(keys[pos])
+                    place.abort(keys[pos], metas[pos], offset)
             raise
         with self._lock:
             for pos, offset in reserved:
-                self._publish(keys[pos], metas[pos], offset, now)
+                place.publish(keys[pos], metas[pos], offset, now)
                 stored[pos] = True
-            if self._dirty:
+            if place.dirty:
                 self._work.notify_all()
         return stored
-
-    def _reserve(self, meta: BlockMeta, now: float) -> int | None:
-        if not self._ledger.fits_ever(MEMORY, meta):
-            return None
-        self._make_room(MEMORY, meta, now)
-        if not self._ledger.has_room(MEMORY, meta):
-            return None  # what is left of the group's quota is leased
-        offset = self._memory.reserve(meta.nbytes)
-        while offset is None:  # fragmented, or all that is left is leased
-            if not self._evict(MEMORY, slot_bytes(meta.nbytes), now):
-                return None
-            offset = self._memory.reserve(meta.nbytes)
-        self._ledger.hold(MEMORY, meta)
-        return offset
 
     def _copy_in(self, offset: int, arr: Array) -> None:
         dst = self._memory.view(offset, arr.nbytes)
@@ -285,72 +246,12 @@ class TieredStore:
         else:  # a strided source is copied straight from its strides into the slot
             np.copyto(dst.view(arr.dtype).reshape(arr.shape), arr)
 
-    def _publish(self, key: BlockKey, meta: BlockMeta, offset: int, now: float) -> None:
-        self._reserving.discard(key)
-        self._memory.commit(key, offset, meta.nbytes)
-        entry = self._ledger.charge(MEMORY, key, meta, now, held=True)
-        if self._has_lower and not entry.in_tier(DISK):
-            self._dirty[key] = None
-            self._dirty_bytes += meta.nbytes
-
-    # ------------------------------------------------------------- eviction
-
-    def _make_room(self, tier_id: int, meta: BlockMeta, now: float) -> None:
-        group_bytes, _ = self._ledger.room_needed(tier_id, meta)
-        if group_bytes:
-            self._evict(tier_id, group_bytes, now, meta.group)
-        _, tier_bytes = self._ledger.room_needed(tier_id, meta)
-        if tier_bytes:
-            self._evict(tier_id, tier_bytes, now)
-
-    def _evict(
-        self, tier_id: int, nbytes: int, now: float, group: str | None = None
-    ) -> int:
-        """Evicts about ``nbytes`` from a tier; returns how many blocks went."""
-        victims = self._ledger.victims(tier_id, nbytes, now, group)
-        if tier_id == MEMORY:
-            self._demote(victims, now)
-        else:
-            self._drop_disk(victims)
-        self._stats.tiers[LOCAL_TIERS[tier_id]].evictions += len(victims)
-        return len(victims)
-
-    def _demote(self, keys: list[BlockKey], now: float) -> None:
-        """Writes memory victims not yet below to the lower tiers, then frees them."""
-        dirty = [key for key in keys if key in self._dirty]
-        if dirty:
-            writes = [self._plan_write(key, now) for key in dirty]
-            self._finish_writes(writes, self._write_below(writes), now)
-            self._stats.demotions += sum(w.to_disk for w in writes)
-        for key in keys:
-            self._free_memory(key)
-
-    def _free_memory(self, key: BlockKey) -> None:
-        offset = self._memory.detach(key)
-        if offset is None:
-            return
-        if self._slot_readers.get(offset):
-            self._detached.add(offset)  # its last reader frees it
-        else:
-            self._memory.release_slot(offset)
-        self._ledger.discharge(MEMORY, key)
-
-    def _drop_disk(self, keys: Sequence[BlockKey]) -> None:
-        if keys and self._disk is not None:
-            self._disk.delete(keys)
-            for key in keys:
-                self._ledger.discharge(DISK, key)
-
-    def _undirty(self, key: BlockKey) -> None:
-        if self._dirty.pop(key, 0) is None:
-            self._dirty_bytes -= self._index._entries[key].meta.nbytes
-
     # ------------------------------------------------------ writing below
 
     def _writer_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._dirty and not self._closed:
+                while not self._place.dirty and not self._closed:
                     self._work.wait()
                 if self._closed:
                     return  # close() flushes what is left itself
@@ -363,69 +264,16 @@ class TieredStore:
         """
         now = self._clock()
         with self._lock:
-            writes = []
-            batch_bytes = 0
-            for key in list(self._dirty) if keys is None else keys:
-                if key in self._dirty:
-                    writes.append(self._plan_write(key, now))
-                    batch_bytes += writes[-1].meta.nbytes
-                    if keys is None and batch_bytes >= _WRITER_BATCH_BYTES:
-                        break
+            writes = self._place.take_dirty(keys, now, _WRITER_BATCH_BYTES)
         if not writes:
             return
         oks: list[bool] = []
+        shared_failures = 0
         try:
-            oks = self._write_below(writes)
+            oks, shared_failures = self._place.write_below(writes)
         finally:
             with self._lock:
-                self._finish_writes(writes, oks, now)
-
-    def _plan_write(self, key: BlockKey, now: float) -> _Write:
-        """Leases a dirty block and holds room for it on disk. Caller holds the lock."""
-        entry = self._index._entries[key]
-        location = self._memory.location(key)
-        assert location is not None, "a dirty block is always in memory"
-        self._undirty(key)  # in flight now; a failed write leaves it memory-only
-        to_disk = self._disk is not None and self._ledger.fits_ever(DISK, entry.meta)
-        if to_disk:
-            self._make_room(DISK, entry.meta, now)
-            to_disk = self._ledger.has_room(DISK, entry.meta)
-            if to_disk:
-                self._ledger.hold(DISK, entry.meta)
-        lease = self._acquire(key, entry, now)
-        return _Write(key, self._memory.view(*location), entry.meta, lease, to_disk)
-
-    def _write_below(self, writes: list[_Write]) -> list[bool]:
-        """The I/O: disk takes the writes it has room for, the shared tier all."""
-        items = [(w.key, w.payload, w.meta) for w in writes]
-        if self._shared is not None and not all(self._shared.write(items)):
-            with self._lock:
-                self._stats.tiers["shared_fs"].write_failures += 1
-        if self._disk is None:
-            return [False] * len(writes)
-        to_disk = [item for item, w in zip(items, writes, strict=True) if w.to_disk]
-        results = iter(self._disk.write(to_disk) if to_disk else [])
-        return [next(results) if w.to_disk else False for w in writes]
-
-    def _finish_writes(self, writes: list[_Write], oks: list[bool], now: float) -> None:
-        oks = oks or [False] * len(writes)
-        stats = self._stats.tiers.get("disk")
-        for write, ok in zip(writes, oks, strict=True):
-            self._release(write.lease)
-            if not write.to_disk:
-                continue
-            entry = self._index._entries.get(write.key)
-            if ok and entry is not None and not entry.in_tier(DISK):
-                self._ledger.charge(DISK, write.key, write.meta, now, held=True)
-                assert stats is not None
-                stats.blocks_written += 1
-                stats.bytes_written += write.meta.nbytes
-                continue
-            self._ledger.unhold(DISK, write.meta)
-            if ok and entry is None and self._disk is not None:
-                self._disk.delete([write.key])  # deleted while being written
-            elif not ok and stats is not None:
-                stats.write_failures += 1
+                self._place.finish_writes(writes, oks, shared_failures, now)
 
     # ------------------------------------------------------------------ get
 
@@ -457,9 +305,10 @@ class TieredStore:
         """Copies the leading stored blocks of ``keys`` into caller buffers.
 
         Args:
-            keys: Keys of consecutive blocks. outs: One writable buffer per key (numpy
-            array, CPU torch tensor, bytearray). layout: When given, every buffer must
-            match it.
+            keys: Keys of consecutive blocks.
+            outs: One writable buffer per key (numpy array, CPU torch tensor,
+                bytearray).
+            layout: When given, every buffer must match it.
 
         Returns:
             How many leading blocks were copied; buffers past those are untouched.
@@ -492,7 +341,7 @@ class TieredStore:
         now = self._clock()
         with self._lock:
             self._check_open()
-            leases = self._lease_prefix(keys, now)
+            leases = self._place.lease_prefix(keys, now, _UNTIL_RELEASED)
         copied = 0
         from_disk: list[tuple[BlockKey, Array]] = []
         try:
@@ -518,52 +367,17 @@ class TieredStore:
                 self._stats.miss_blocks += len(keys) - copied
         return copied
 
-    def _lease_prefix(self, keys: Sequence[BlockKey], now: float) -> list[_Lease]:
-        leases = []
-        for key in keys:
-            entry = self._index.get(key, now)
-            if entry is None:
-                break
-            leases.append(self._acquire(key, entry, now))
-        return leases
-
-    def _acquire(self, key: BlockKey, entry: Entry, now: float) -> _Lease:
-        """Holds ``key`` against eviction, and its memory slot against reuse."""
-        entry.num_leases += 1
-        entry.lease_until = max(entry.lease_until, now + _NO_DEADLINE)
-        location = self._memory.location(key)
-        if location is not None:
-            offset = location[0]
-            self._slot_readers[offset] = self._slot_readers.get(offset, 0) + 1
-        return _Lease(key, entry, location)
-
-    def _release(self, lease: _Lease) -> None:
-        """Ends a lease; a slot detached meanwhile is freed by its last reader."""
-        lease.entry.num_leases -= 1
-        if lease.location is None:
-            return
-        offset = lease.location[0]
-        readers = self._slot_readers[offset] - 1
-        if readers:
-            self._slot_readers[offset] = readers
-            return
-        del self._slot_readers[offset]
-        if offset in self._detached:
-            self._detached.remove(offset)
-            self._memory.release_slot(offset)
-
     def _read_disk(self, key: BlockKey, out: Array) -> bool:
         assert self._disk is not None
         if self._disk.read_into(key, out.data):
             return True
         with self._lock:  # corrupt or gone: the disk tier quarantined it
-            self._stats.tiers["disk"].num_corrupt += 1
-            self._ledger.discharge(DISK, key)
+            self._place.forget_disk_copy(key)
         return False
 
-    def _finish_read(self, leases: list[_Lease], copied: int, now: float) -> None:
+    def _finish_read(self, leases: list[Lease], copied: int, now: float) -> None:
         for position, lease in enumerate(leases):
-            self._release(lease)
+            self._place.release(lease)
             if position < copied:
                 tier = self._stats.tiers["memory" if lease.location else "disk"]
                 tier.hits += 1
@@ -575,7 +389,7 @@ class TieredStore:
         if not hits:
             return
         with self._lock:
-            found = [(k, a, self._index._entries.get(k)) for k, a in hits]
+            found = [(k, a, self._index.entry(k)) for k, a in hits]
         found = [(k, a, e) for k, a, e in found if e is not None]
         stored = self._store(
             [k for k, _, _ in found],
@@ -606,6 +420,46 @@ class TieredStore:
         with self._lock:
             self._stats.tiers["shared_fs"].hits += found
         return found
+
+    def lease(self, keys: Sequence[BlockKey]) -> BlockLease:
+        """Leases the leading stored blocks of ``keys`` for reading in place.
+
+        Blocks on disk are promoted into memory first, so every leased block has a
+        view into the arena: engines copy from it straight to a GPU or a socket, with
+        no copy in between. The lease keeps the blocks from eviction and their slots
+        from reuse for ``store.lease_seconds``, or until released: a reader that dies
+        without releasing leaks nothing.
+        """
+        self._prefetch(keys)
+        now = self._clock()
+        deadline = now + self.config.store.lease_seconds
+        with self._lock:
+            self._check_open()
+            leases = self._place.lease_prefix(keys, now, deadline)
+            in_memory = next(
+                (i for i, lease in enumerate(leases) if lease.location is None),
+                len(leases),
+            )
+            for extra in leases[in_memory:]:
+                self._place.release(extra)
+            leases = leases[:in_memory]
+        views = []
+        for lease in leases:
+            assert lease.location is not None
+            view = self._memory.view(*lease.location).view()
+            view.flags.writeable = False
+            views.append(view)
+        return BlockLease(
+            tuple(lease.key for lease in leases),
+            views,
+            deadline,
+            lambda: self._release_leases(leases),
+        )
+
+    def _release_leases(self, leases: list[Lease]) -> None:
+        with self._lock:
+            for lease in leases:
+                self._place.release(lease)
 
     # ---------------------------------------------------------- match & co
 
@@ -655,22 +509,13 @@ class TieredStore:
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         """Removes blocks from every tier; returns how many were stored."""
+        now = self._clock()
         with self._lock:
             self._check_open()
-            removed = sum(self._remove(key) for key in keys)
+            removed = sum(self._place.remove(key, now) for key in keys)
         if self._shared is not None:
             removed = max(removed, self._shared.delete(keys))
         return removed
-
-    def _remove(self, key: BlockKey) -> bool:
-        if key not in self._index:
-            return False
-        self._undirty(key)
-        self._free_memory(key)
-        if self._ledger.holds(DISK, key):
-            self._drop_disk([key])
-        self._index.remove(key)
-        return True
 
     def list(
         self, group: str | None = None, limit: int | None = None
@@ -716,8 +561,11 @@ class TieredStore:
         """Removes every block whose time has passed; returns how many."""
         now = self._clock() if now is None else now
         with self._lock:
-            expired = [key for key in self._index.expired(now) if self._remove(key)]
+            expired = [
+                key for key in self._index.expired(now) if self._place.remove(key, now)
+            ]
             self._stats.expired_blocks += len(expired)
+            self._place.expire_holds(now)
         return len(expired)
 
     def _cleanup_loop(self) -> None:
@@ -736,7 +584,7 @@ class TieredStore:
                 tier.used_bytes = account.budget.used_bytes
                 tier.num_blocks = len(account.policy)
             snapshot = StoreStats(**{**vars(self._stats), "tiers": tiers})
-            snapshot.dirty_blocks = len(self._dirty)
+            snapshot.dirty_blocks = len(self._place.dirty)
             snapshot.group_bytes = {
                 LOCAL_TIERS[t]: usage for t, usage in enumerate(self._ledger.usage())
             }
@@ -753,10 +601,11 @@ class TieredStore:
 
     def flush(self) -> None:
         """Writes every block not yet below to the lower tiers."""
-        while self._dirty:
-            before = len(self._dirty)
-            self._flush(list(self._dirty))
-            if len(self._dirty) >= before:  # nothing could be written
+        dirty = self._place.dirty
+        while dirty:
+            before = len(dirty)
+            self._flush(list(dirty))
+            if len(dirty) >= before:  # nothing could be written
                 break
 
     def close(self) -> None:
@@ -793,52 +642,3 @@ def _out_bytes(out: Any, layout: KVLayout | None) -> Array:
     if not arr.flags.c_contiguous or not arr.flags.writeable:
         raise LayoutError("output buffers must be C-contiguous and writable")
     return arr.reshape(-1).view(np.uint8)
-
-
-def _open_disk(config: Config) -> DiskTier | None:
-    if not config.disk.enabled:
-        return None
-    return DiskTier(
-        config.disk_path,
-        capacity_bytes=config.disk.capacity_bytes,
-        segment_bytes=config.disk.segment_bytes,
-        fsync=config.disk.fsync,
-        compression=config.disk.compression,
-    )
-
-
-def _open_shared(config: Config) -> SharedFSTier | None:
-    shared = config.shared_fs
-    if not shared.path:
-        return None
-    return SharedFSTier(
-        shared.path,
-        capacity_bytes=shared.capacity_bytes,
-        compression=shared.compression,
-        fsync=shared.fsync,
-        high_watermark=config.store.high_watermark,
-        low_watermark=config.store.low_watermark,
-    )
-
-
-def _accounts(config: Config, with_disk: bool) -> list[TierAccount]:
-    marks = (config.store.high_watermark, config.store.low_watermark)
-    quotas = config.store.quotas
-    accounts = [
-        TierAccount.create(
-            make_policy(config.memory.policy),
-            config.memory.capacity_bytes,
-            {g: q.memory_bytes for g, q in quotas.items()},
-            *marks,
-        )
-    ]
-    if with_disk:
-        accounts.append(
-            TierAccount.create(
-                make_policy(config.disk.policy),
-                config.disk.capacity_bytes,
-                {g: q.disk_bytes for g, q in quotas.items()},
-                *marks,
-            )
-        )
-    return accounts

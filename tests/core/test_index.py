@@ -77,11 +77,15 @@ def test_tiers_and_removal() -> None:
 
 def test_leases_expire_and_release() -> None:
     index = index_with({1: 0})
-    index.lease(k(1), now=0.0, lease_seconds=5.0)
-    assert index.is_leased(k(1), now=4.0)
-    assert not index.is_leased(k(1), now=5.0)  # a crashed reader's lease runs out
-    index.release(k(1))
-    assert not index.is_leased(k(1), now=1.0)
-    index.release(k(1))  # releasing twice does not go negative
-    entry = index.get(k(1), 0.0)
-    assert entry is not None and entry.num_leases == 0
+    entry = index.entry(k(1))
+    assert entry is not None
+    entry.lease(5.0)
+    assert entry.is_leased(now=4.0)
+    assert not entry.is_leased(now=5.0)  # a crashed reader's lease runs out
+    entry.lease(math.inf)  # an in-process reader holds until it releases
+    entry.release(5.0)
+    assert entry.is_leased(now=1e12)
+    entry.release(math.inf)
+    assert not entry.is_leased(now=0.0)
+    entry.release(math.inf)  # releasing twice is a no-op
+    assert entry.lease_deadlines is None

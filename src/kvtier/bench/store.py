@@ -49,18 +49,12 @@ class StoreBenchConfig:
     batch_blocks: int = 16
     reopen_blocks: int = 100_000
     prompt_tokens: int = 131_072
-    repeats: int = 5
+    repeats: int = 7
     directory: str | None = None
 
     @classmethod
     def quick(cls, directory: str | None = None) -> StoreBenchConfig:
-        return cls(
-            memory_blocks=16,
-            disk_blocks=32,
-            reopen_blocks=20_000,
-            repeats=3,
-            directory=directory,
-        )
+        return cls(disk_blocks=64, reopen_blocks=20_000, repeats=5, directory=directory)
 
 
 Progress = Callable[[str], None]

@@ -49,8 +49,7 @@ class Entry:
 
     meta: BlockMeta
     tier_mask: int = 0
-    num_leases: int = 0
-    lease_until: float = 0.0
+    lease_deadlines: list[float] | None = None  # one per outstanding read lease
 
     def in_tier(self, tier_id: int) -> bool:
         return bool(self.tier_mask >> tier_id & 1)
@@ -62,8 +61,23 @@ class Entry:
         return (mask & -mask).bit_length() - 1
 
     def is_leased(self, now: float) -> bool:
-        """Leased, and the lease has not run out (a crashed reader's does)."""
-        return self.num_leases > 0 and now < self.lease_until
+        """Held by a lease that has not run out (a crashed reader's runs out)."""
+        deadlines = self.lease_deadlines
+        return deadlines is not None and any(now < d for d in deadlines)
+
+    def lease(self, deadline: float) -> None:
+        """Adds a read lease that lasts until ``deadline`` (``inf``: until released)."""
+        if self.lease_deadlines is None:
+            self.lease_deadlines = []
+        self.lease_deadlines.append(deadline)
+
+    def release(self, deadline: float) -> None:
+        """Ends the lease taken with ``deadline``; ending one twice is a no-op."""
+        deadlines = self.lease_deadlines
+        if deadlines is not None and deadline in deadlines:
+            deadlines.remove(deadline)
+            if not deadlines:
+                self.lease_deadlines = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +86,8 @@ class MatchResult:
 
     Attributes:
         num_blocks: Leading blocks usable (prefix mode) or resumable (window mode).
-        tiers: The hottest tier id of each of those blocks (prefix mode), or of the
-        blocks
-            in the window before the resume point (window mode).
+        tiers: The hottest tier id of each of those blocks (prefix mode), or of
+            the blocks in the window before the resume point (window mode).
     """
 
     num_blocks: int
@@ -93,6 +106,10 @@ class BlockIndex:
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
+
+    def entry(self, key: BlockKey) -> Entry | None:
+        """The entry of ``key`` whatever its state (expired, mid-move), or ``None``."""
+        return self._entries.get(key)
 
     def get(self, key: BlockKey, now: float) -> Entry | None:
         """The live entry of ``key``: ``None`` when absent, in no tier, or expired."""
@@ -129,20 +146,6 @@ class BlockIndex:
     def remove(self, key: BlockKey) -> Entry | None:
         """Forgets ``key`` in every tier; returns what was there."""
         return self._entries.pop(key, None)
-
-    def lease(self, key: BlockKey, now: float, lease_seconds: float) -> None:
-        entry = self._entries[key]
-        entry.num_leases += 1
-        entry.lease_until = max(entry.lease_until, now + lease_seconds)
-
-    def release(self, key: BlockKey) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.num_leases > 0:
-            entry.num_leases -= 1
-
-    def is_leased(self, key: BlockKey, now: float) -> bool:
-        entry = self._entries.get(key)
-        return entry is not None and entry.is_leased(now)
 
     def expired(self, now: float) -> Iterator[BlockKey]:
         """Pops and yields the keys whose expiry time has passed, soonest first."""

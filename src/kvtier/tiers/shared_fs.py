@@ -1,14 +1,10 @@
 """The shared-FS tier: one directory many kvtier nodes mount (NFS, CephFS, Lustre).
 
-Layout under the root directory::
-
-    blocks/<h0h1>/<h2h3>/<keyhex>.kvb   one file per block: record header + payload
-    tmp/<host>-<pid>-<random>.part      blocks being written (same filesystem)
-    quarantine/<keyhex>.kvb.<suffix>    corrupt files moved aside for inspection
-
-Every file in ``blocks/`` is one record of :mod:`kvtier.tiers._record`: the 64-byte
-header (magic, key, sizes, checksum, expiry, its own check) and the stored payload,
-compressed when that saves space. Two levels of fan-out keep directories small.
+Each block is one file under ``blocks/``, named by its key; it is written in
+``tmp/`` and, if found corrupt, moved to ``quarantine/`` (the layout and the file
+operations are :mod:`kvtier.tiers._shared_dir`). A file is one record of
+:mod:`kvtier.tiers._record`: the 64-byte header (magic, key, sizes, checksum, expiry,
+its own check) and the stored payload, compressed when that saves space.
 
 **No shared index.** The directory *is* the index: a block's path follows from its
 key, so a lookup is one ``open`` and nodes need agree on nothing else. A shared index
@@ -47,39 +43,47 @@ the file's creation, so nodes with skewed clocks still agree on the order.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, Concatenate, Final, ParamSpec, Self, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, Self, TypeVar
 
 import numpy as np
 
 from kvtier.core.index import BlockMeta
-from kvtier.core.keys import KEY_BYTES, BlockKey
+from kvtier.core.keys import BlockKey
 from kvtier.errors import (
     ConfigError,
     CorruptBlockError,
-    KeyFormatError,
     LayoutError,
     StorageError,
     StoreClosedError,
 )
-from kvtier.layout import CODECS, as_block_array, get_codec
-from kvtier.tiers._record import HEADER_BYTES, RecordHeader, decode_into, encode
+from kvtier.layout import as_block_array, get_codec
+from kvtier.tiers._fsio import (
+    close_quietly,
+    dest_view,
+    is_gone,
+    same_file,
+    unlink_quietly,
+)
+from kvtier.tiers._record import HEADER_BYTES, encode
+from kvtier.tiers._shared_dir import (
+    STALE_PART_S,
+    BlockDir,
+    expired,
+    header_of,
+    read_payload,
+)
 
 __all__ = [
     "STALE_PART_S",
     "CheckReport",
-    "SharedFSConfig",
     "SharedFSStats",
     "SharedFSTier",
     "SweepReport",
@@ -89,70 +93,6 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-STALE_PART_S: Final = 3600.0
-"""A ``.part`` file older than this belongs to a crashed writer; sweep removes it."""
-
-_BLOCK_SUFFIX: Final = ".kvb"
-_PART_SUFFIX: Final = ".part"
-_HOST: Final = socket.gethostname().replace(os.sep, "_") or "host"
-# errnos meaning "the file is not (or no longer) there": a miss, not a failure.
-_GONE: Final = frozenset({errno.ENOENT, errno.ESTALE, errno.ENOTDIR})
-# errnos of link(2) on filesystems without hard links: fall back to rename.
-_NO_HARD_LINKS: Final = frozenset(
-    {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
-)
-
-
-@dataclass(frozen=True)
-class SharedFSConfig:
-    """Settings of one :class:`SharedFSTier`. Nodes sharing a directory should agree.
-
-    Attributes:
-        path: Root directory, on the shared mount.
-        capacity_bytes: Bytes of block files (headers included) the directory may hold
-            before :meth:`SharedFSTier.sweep` evicts; ``None``: unbounded.
-        compression: Codec for new blocks: "none", "lz4" or "zstd". Readers decode any.
-        fsync: fsync each file (and its directory) before it becomes visible: survives
-            a server crash, costs a commit round trip per block on NFS.
-        high_watermark: Sweep evicts once usage exceeds this fraction of capacity.
-        low_watermark: ... and stops when usage is at or below this fraction.
-        touch_interval_s: A read hit refreshes a file's mtime at most this often.
-    """
-
-    path: Path
-    capacity_bytes: int | None = None
-    compression: str = "none"
-    fsync: bool = False
-    high_watermark: float = 0.9
-    low_watermark: float = 0.8
-    touch_interval_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        capacity = self.capacity_bytes
-        if capacity is not None and (
-            not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0
-        ):
-            raise ConfigError(
-                f"shared_fs.capacity_bytes must be a positive int or None, "
-                f"got {capacity!r}"
-            )
-        if self.compression not in CODECS:
-            raise ConfigError(
-                f"shared_fs.compression must be one of {list(CODECS)}, "
-                f"got {self.compression!r}"
-            )
-        if not 0.0 < self.low_watermark < self.high_watermark <= 1.0:
-            raise ConfigError(
-                "shared_fs watermarks need 0 < low_watermark < high_watermark <= 1, "
-                f"got low_watermark={self.low_watermark!r}, "
-                f"high_watermark={self.high_watermark!r}"
-            )
-        if not 0.0 <= self.touch_interval_s < math.inf:
-            raise ConfigError(
-                "shared_fs.touch_interval_s must be a finite number >= 0, "
-                f"got {self.touch_interval_s!r}"
-            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +156,26 @@ class SharedFSTier:
     """Blocks as files in a directory shared by many nodes (see the module docstring).
 
     Thread-safe: all state lives in the filesystem except the counters, which are
-    locked. Read paths never raise for a missing, vanished or corrupt block.
+    locked. Read paths never raise for a missing, vanished or corrupt block. Nodes
+    sharing a directory should agree on the settings.
+
+    Args:
+        path: Root directory, on the shared mount; created if missing.
+        capacity_bytes: Bytes of block files (headers included) the directory may hold
+            before :meth:`sweep` evicts; ``None``: unbounded.
+        compression: Codec for new blocks: "none", "lz4" or "zstd". Readers decode any.
+        fsync: fsync each file (and its directory) before it becomes visible: survives
+            a server crash, costs a commit round trip per block on NFS.
+        high_watermark: Sweep evicts once usage exceeds this fraction of capacity,
+        low_watermark: and stops when usage is at or below this fraction.
+        touch_interval_s: A read hit refreshes a file's mtime at most this often.
+
+    The settings are kept as plain attributes of the same names (``path`` a
+    :class:`~pathlib.Path`).
+
+    Raises:
+        ConfigError: A setting is out of range, or the codec's package is missing.
+        StorageError: The directories cannot be created.
     """
 
     name: ClassVar[str] = "shared_fs"
@@ -232,33 +191,16 @@ class SharedFSTier:
         low_watermark: float = 0.8,
         touch_interval_s: float = 60.0,
     ) -> None:
-        """Opens (creating if missing) the tier directory at ``path``.
-
-        Raises:
-            ConfigError: A setting is out of range, or the codec's package is missing.
-            StorageError: The directories cannot be created.
-        """
-        self.config = SharedFSConfig(
-            Path(path),
-            capacity_bytes,
-            compression,
-            fsync,
-            high_watermark,
-            low_watermark,
-            touch_interval_s,
-        )
+        _validate(capacity_bytes, high_watermark, low_watermark, touch_interval_s)
         self._codec = get_codec(compression)
-        root = os.fspath(self.config.path)
-        self._blocks_dir = os.path.join(root, "blocks")
-        self._tmp_dir = os.path.join(root, "tmp")
-        self._quarantine_dir = os.path.join(root, "quarantine")
-        for directory in (self._blocks_dir, self._tmp_dir, self._quarantine_dir):
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot create shared-FS tier directory {directory}: {exc}"
-                ) from exc
+        self.path = Path(path)
+        self.capacity_bytes = capacity_bytes
+        self.compression = compression
+        self.fsync = fsync
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.touch_interval_s = touch_interval_s
+        self._dir = BlockDir(self.path, fsync=fsync)
         self._lock = threading.Lock()
         self._counts = dict.fromkeys((f.name for f in fields(SharedFSStats)), 0)
         self._closed = False
@@ -308,9 +250,9 @@ class SharedFSTier:
             StoreClosedError: The tier was closed.
         """
         self._check_open()
-        dest = _dest_view(out)
+        dest = dest_view(out)
         now = time.time() if now is None else now
-        path = self._block_path(key)
+        path = self._dir.block_path(key)
         num_bytes = self._guarded(path, key, self._read_open, path, key, dest, now)
         if num_bytes is None:
             self._count(reads=1, misses=1)
@@ -325,7 +267,7 @@ class SharedFSTier:
         would cost an open and a read per key. :meth:`read_into` is authoritative.
         """
         self._check_open()
-        return [os.path.exists(self._block_path(key)) for key in keys]
+        return [os.path.exists(self._dir.block_path(key)) for key in keys]
 
     def meta(self, key: BlockKey, now: float | None = None) -> BlockMeta | None:
         """The block's metadata from its header, or ``None`` if absent or expired.
@@ -334,13 +276,13 @@ class SharedFSTier:
         """
         self._check_open()
         now = time.time() if now is None else now
-        path = self._block_path(key)
+        path = self._dir.block_path(key)
         return self._guarded(path, key, _meta_of, key, now)
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         """Deletes blocks; returns how many files this call removed."""
         self._check_open()
-        return sum(_unlink(self._block_path(key)) for key in keys)
+        return sum(unlink_quietly(self._dir.block_path(key)) for key in keys)
 
     def keys(self) -> Iterator[BlockKey]:
         """Every block key with a file, expired ones included (a walk of the tree).
@@ -349,7 +291,7 @@ class SharedFSTier:
             StorageError: The tree cannot be listed (raised while iterating).
         """
         self._check_open()
-        return (key for key, _path in self._scan())
+        return (key for key, _path in self._dir.scan())
 
     def sweep(self, now: float | None = None) -> SweepReport:
         """Deletes expired blocks, then the least recently used while over capacity.
@@ -369,7 +311,7 @@ class SharedFSTier:
         now = time.time() if now is None else now
         live, num_scanned, num_expired, bytes_expired = self._sweep_expired(now)
         num_evicted, bytes_evicted, bytes_remaining = self._evict(live)
-        num_parts = sum(_unlink(path) for path in self._stale_parts(now))
+        num_parts = sum(unlink_quietly(path) for path in self._dir.stale_parts(now))
         return SweepReport(
             num_scanned,
             num_expired,
@@ -392,17 +334,17 @@ class SharedFSTier:
         self._check_open()
         num_checked = 0
         bad: list[tuple[str, str]] = []
-        for path in self._scan_files():
+        for path in self._dir.scan_files():
             num_checked += 1
-            reason = self._audit(path)
+            reason = self._dir.audit(path)
             if reason is not None:
                 bad.append((path, reason))
-                if fix and not self._move_aside(path):
+                if fix and not self._dir.move_aside(path):
                     raise StorageError(f"cannot quarantine or delete {path}")
-        stale = self._stale_parts(time.time())
+        stale = self._dir.stale_parts(time.time())
         if fix:
             for path in stale:
-                _unlink(path)
+                unlink_quietly(path)
         return CheckReport(num_checked, tuple(bad), tuple(stale), fix)
 
     def stats(self) -> SharedFSStats:
@@ -417,12 +359,7 @@ class SharedFSTier:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- writing ------------------------------------------------------------------
@@ -430,7 +367,7 @@ class SharedFSTier:
     def _write_one(
         self, key: BlockKey, payload: memoryview, meta: BlockMeta, now: float
     ) -> bool:
-        path = self._block_path(key)
+        path = self._dir.block_path(key)
         # True: stored and live; False: stored but expired; None: absent (or corrupt,
         # and just quarantined). Probing first spares rewriting blocks many nodes put.
         existing = self._guarded(path, key, self._probe, path, key, now)
@@ -438,46 +375,14 @@ class SharedFSTier:
             return True
         expire_at = 0.0 if math.isinf(meta.expire_at) else meta.expire_at
         header, stored = encode(key, payload, self._codec, expire_at)
-        part = self._part_path()
         try:
-            self._write_part(part, header.pack(), stored)
-            self._commit(part, path, replace=existing is False)
+            self._dir.publish(path, header.pack(), stored, replace=existing is False)
         except OSError as exc:
-            _unlink(part)
             log.warning("shared_fs: cannot store block %s: %s", key.hex(), exc)
             self._count(write_failures=1)
             return False
         self._count(bytes_written=HEADER_BYTES + header.stored_bytes)
         return True
-
-    def _write_part(self, part: str, head: bytes, stored: Any) -> None:
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, head)
-            _write_all(fd, stored)
-            if self.config.fsync:
-                os.fsync(fd)
-        finally:
-            # On NFS a deferred write error (ENOSPC, EDQUOT) may first show up here,
-            # so close's error must fail the write, not be swallowed.
-            os.close(fd)
-
-    def _commit(self, part: str, path: str, *, replace: bool) -> None:
-        """Gives the finished ``part`` its final name, atomically."""
-        directory = os.path.dirname(path)
-        # Fan-out directories are created on demand and never removed, so a writer
-        # never races a sweeper that would delete the directory it links into.
-        os.makedirs(directory, exist_ok=True)
-        if replace or not _link_no_clobber(part, path):
-            os.replace(part, path)
-        else:
-            _unlink(part)
-        if self.config.fsync:
-            _fsync_dir(directory)
-
-    def _part_path(self) -> str:
-        name = f"{_HOST}-{os.getpid()}-{secrets.token_hex(8)}{_PART_SUFFIX}"
-        return os.path.join(self._tmp_dir, name)
 
     # -- reading ------------------------------------------------------------------
 
@@ -505,14 +410,14 @@ class SharedFSTier:
         except OSError as exc:
             _log_unless_gone(exc, key)
         finally:
-            _close_quietly(fd)
+            close_quietly(fd)
         return None
 
     def _read_open(
         self, fd: int, path: str, key: BlockKey, dest: memoryview, now: float
     ) -> int | None:
-        header, st = _header_of(fd, key)
-        if _expired(header.expire_at, now):
+        header, st = header_of(fd, key)
+        if expired(header.expire_at, now):
             return None
         if header.raw_bytes != len(dest):
             # The file is sound; the caller's buffer is not the block's size.
@@ -523,19 +428,19 @@ class SharedFSTier:
                 len(dest),
             )
             return None
-        _read_payload(fd, header, dest)
+        read_payload(fd, header, dest)
         self._touch(path, st, now)
         return HEADER_BYTES + header.stored_bytes
 
     def _probe(self, fd: int, path: str, key: BlockKey, now: float) -> bool:
-        header, st = _header_of(fd, key)
-        if _expired(header.expire_at, now):
+        header, st = header_of(fd, key)
+        if expired(header.expire_at, now):
             return False
         self._touch(path, st, now)  # a repeated put is a use, too
         return True
 
     def _touch(self, path: str, st: os.stat_result, now: float) -> None:
-        if now - st.st_mtime < self.config.touch_interval_s:
+        if now - st.st_mtime < self.touch_interval_s:
             return
         try:
             os.utime(path)  # no explicit time: the server's clock (module docstring)
@@ -549,51 +454,8 @@ class SharedFSTier:
         log.warning("shared_fs: block %s is corrupt (%s); quarantining", key.hex(), exc)
         # Another node may have replaced or removed the bad file since we opened it;
         # then the path holds a good block (or nothing) and must be left alone.
-        if _same_file(path, fd):
-            self._move_aside(path)
-
-    def _move_aside(self, path: str) -> bool:
-        """Moves ``path`` to quarantine (or deletes it); ``False`` if both failed."""
-        suffix = f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-        target = os.path.join(
-            self._quarantine_dir, f"{os.path.basename(path)}.{suffix}"
-        )
-        try:
-            os.rename(path, target)
-            return True
-        except OSError as exc:
-            if exc.errno in _GONE:
-                return True
-            log.warning("shared_fs: cannot quarantine %s: %s", path, exc)
-        try:
-            os.unlink(path)
-        except OSError as exc:
-            if exc.errno not in _GONE:
-                log.error("shared_fs: cannot delete corrupt %s: %s", path, exc)
-                return False
-        return True
-
-    def _audit(self, path: str) -> str | None:
-        """Why the file at ``path`` is bad, or ``None`` if it verifies (or vanished)."""
-        key = _key_from_name(os.path.basename(path))
-        if key is None:
-            return "not a block file name"
-        if path != self._block_path(key):
-            return "block file in the wrong directory"
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            return None if exc.errno in _GONE else f"cannot open: {exc}"
-        try:
-            header, _st = _header_of(fd, key)
-            _read_payload(fd, header, memoryview(bytearray(header.raw_bytes)))
-        except CorruptBlockError as exc:
-            return str(exc)
-        except OSError as exc:
-            return None if exc.errno in _GONE else f"cannot read: {exc}"
-        finally:
-            _close_quietly(fd)
-        return None
+        if same_file(path, fd):
+            self._dir.move_aside(path)
 
     # -- sweeping -----------------------------------------------------------------
 
@@ -603,15 +465,15 @@ class SharedFSTier:
         """Deletes expired blocks; returns the live ones as ``(mtime, path, size)``."""
         live: list[tuple[float, str, int]] = []
         num_scanned = num_expired = bytes_expired = 0
-        for key, path in self._scan():
+        for key, path in self._dir.scan():
             num_scanned += 1
-            found = self._guarded(path, key, _header_of, key)
+            found = self._guarded(path, key, header_of, key)
             if found is None:
                 continue  # vanished or quarantined
             header, st = found
-            if not _expired(header.expire_at, now):
+            if not expired(header.expire_at, now):
                 live.append((st.st_mtime, path, st.st_size))
-            elif _unlink(path):
+            elif unlink_quietly(path):
                 num_expired += 1
                 bytes_expired += st.st_size
         return live, num_scanned, num_expired, bytes_expired
@@ -619,62 +481,25 @@ class SharedFSTier:
     def _evict(self, live: list[tuple[float, str, int]]) -> tuple[int, int, int]:
         """LRU eviction down to the low watermark: ``(num, bytes freed, remaining)``."""
         total = sum(size for _mtime, _path, size in live)
-        capacity = self.config.capacity_bytes
-        if capacity is None or total <= self.config.high_watermark * capacity:
+        capacity = self.capacity_bytes
+        if capacity is None or total <= self.high_watermark * capacity:
             return 0, 0, total
-        target = self.config.low_watermark * capacity
+        target = self.low_watermark * capacity
         num_evicted = bytes_freed = 0
         for _mtime, path, size in sorted(live):  # oldest first; path breaks ties
             if total <= target:
                 break
             total -= size  # gone either way: by us, or by a sweeper on another node
-            if _unlink(path):
+            if unlink_quietly(path):
                 num_evicted += 1
                 bytes_freed += size
         return num_evicted, bytes_freed, total
 
-    def _stale_parts(self, now: float) -> list[str]:
-        stale = []
-        for entry in _list_dir(self._tmp_dir):
-            if not entry.name.endswith(_PART_SUFFIX):
-                continue
-            try:
-                mtime = entry.stat().st_mtime
-            except OSError:
-                continue  # finished (renamed) or removed meanwhile
-            if now - mtime > STALE_PART_S:
-                stale.append(entry.path)
-        return stale
-
-    def _scan_files(self) -> Iterator[str]:
-        """Paths of every file two levels under ``blocks/``."""
-        for top in _list_dir(self._blocks_dir):
-            if not top.is_dir():
-                continue
-            for mid in _list_dir(top.path):
-                if not mid.is_dir():
-                    continue
-                for entry in _list_dir(mid.path):
-                    if entry.is_file(follow_symlinks=False):
-                        yield entry.path
-
-    def _scan(self) -> Iterator[tuple[BlockKey, str]]:
-        for path in self._scan_files():
-            key = _key_from_name(os.path.basename(path))
-            if key is not None:
-                yield key, path
-
     # -- plumbing -----------------------------------------------------------------
-
-    def _block_path(self, key: BlockKey) -> str:
-        if len(key) != KEY_BYTES:
-            raise KeyFormatError(f"a block key has {KEY_BYTES} bytes, got {len(key)}")
-        h = key.hex()
-        return os.path.join(self._blocks_dir, h[0:2], h[2:4], h + _BLOCK_SUFFIX)
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosedError(f"shared-FS tier at {self.config.path} is closed")
+            raise StoreClosedError(f"shared-FS tier at {self.path} is closed")
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -682,92 +507,12 @@ class SharedFSTier:
                 self._counts[name] += delta
 
 
-def _header_of(fd: int, key: BlockKey) -> tuple[RecordHeader, os.stat_result]:
-    """The verified header of the open block file and its stat.
-
-    Raises:
-        CorruptBlockError: Bad header, another key's record, or a size that does not
-            match the header (a torn or extended file).
-    """
-    st = os.fstat(fd)
-    header = RecordHeader.unpack(_pread_exact(fd, HEADER_BYTES, 0))
-    if header.key != key:
-        raise CorruptBlockError(f"file holds block {header.key.hex()}")
-    expected = HEADER_BYTES + header.stored_bytes
-    if st.st_size != expected:
-        raise CorruptBlockError(f"file is {st.st_size} bytes, record is {expected}")
-    return header, st
-
-
 def _meta_of(fd: int, key: BlockKey, now: float) -> BlockMeta | None:
-    header, _st = _header_of(fd, key)
-    if _expired(header.expire_at, now):
+    header, _st = header_of(fd, key)
+    if expired(header.expire_at, now):
         return None
     expire_at = math.inf if header.expire_at == 0.0 else header.expire_at
     return BlockMeta(header.raw_bytes, expire_at=expire_at)
-
-
-def _read_payload(fd: int, header: RecordHeader, dest: memoryview) -> None:
-    """Reads and verifies the payload into ``dest`` (straight in when uncompressed)."""
-    if header.codec_id == 0 and header.stored_bytes == len(dest):
-        _preadv_exact(fd, dest, HEADER_BYTES)
-        decode_into(header, dest, dest)
-    else:
-        decode_into(header, _pread_exact(fd, header.stored_bytes, HEADER_BYTES), dest)
-
-
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    chunks = []
-    remaining = size
-    while remaining:
-        chunk = os.pread(fd, remaining, offset + size - remaining)
-        if not chunk:
-            raise CorruptBlockError(f"file ends {remaining} bytes short")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _preadv_exact(fd: int, dest: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(dest):
-        num_read = os.preadv(fd, [dest[done:]], offset + done)
-        if num_read == 0:
-            raise CorruptBlockError(f"file ends {len(dest) - done} bytes short")
-        done += num_read
-
-
-def _write_all(fd: int, data: Any) -> None:
-    view = memoryview(data)
-    while view:
-        num_written = os.write(fd, view)
-        if num_written == 0:  # pragma: no cover - regular files do not do this
-            raise OSError(errno.EIO, "write wrote nothing")
-        view = view[num_written:]
-
-
-def _link_no_clobber(part: str, path: str) -> bool:
-    """Links ``part`` at ``path``; ``False`` if this filesystem has no hard links."""
-    try:
-        os.link(part, path)
-    except FileExistsError:
-        pass  # content-addressed: whoever got there first stored the same bytes
-    except OSError as exc:
-        if exc.errno not in _NO_HARD_LINKS:
-            raise
-        return False
-    return True
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EBADF):  # no directory fsync here
-            raise
-    finally:
-        os.close(fd)
 
 
 def _payload_view(key: BlockKey, block: Any, meta: BlockMeta) -> memoryview:
@@ -782,67 +527,36 @@ def _payload_view(key: BlockKey, block: Any, meta: BlockMeta) -> memoryview:
     return view
 
 
-def _dest_view(out: memoryview) -> memoryview:
-    try:
-        view = memoryview(out).cast("B")
-    except TypeError as exc:
-        raise LayoutError("read_into needs a C-contiguous destination") from exc
-    if view.readonly:
-        raise LayoutError("read_into needs a writable destination")
-    return view
-
-
-def _key_from_name(name: str) -> BlockKey | None:
-    stem = name.removesuffix(_BLOCK_SUFFIX)
-    if stem == name or len(stem) != 2 * KEY_BYTES:
-        return None
-    try:
-        key = bytes.fromhex(stem)
-    except ValueError:
-        return None
-    return BlockKey(key) if key.hex() == stem else None  # lowercase, canonical
-
-
-def _expired(expire_at: float, now: float) -> bool:
-    return expire_at != 0.0 and expire_at <= now  # 0.0 in a header: never
-
-
-def _same_file(path: str, fd: int) -> bool:
-    try:
-        st_path, st_fd = os.stat(path), os.fstat(fd)
-    except OSError:
-        return False
-    return (st_path.st_dev, st_path.st_ino) == (st_fd.st_dev, st_fd.st_ino)
-
-
-def _list_dir(path: str) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as entries:
-            return list(entries)
-    except OSError as exc:
-        if exc.errno in _GONE:
-            return []
-        raise StorageError(f"cannot list shared-FS directory {path}: {exc}") from exc
-
-
-def _unlink(path: str) -> bool:
-    """Deletes ``path``; ``False`` if it was already gone or could not be deleted."""
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno not in _GONE:
-            log.warning("shared_fs: cannot delete %s: %s", path, exc)
-        return False
-    return True
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError as exc:  # a read-only descriptor has nothing left to lose
-        log.debug("shared_fs: close failed: %s", exc)
-
-
 def _log_unless_gone(exc: OSError, key: BlockKey) -> None:
-    if exc.errno not in _GONE:
+    if not is_gone(exc):
         log.warning("shared_fs: I/O error on block %s: %s", key.hex(), exc)
+
+
+def _validate(
+    capacity_bytes: int | None,
+    high_watermark: float,
+    low_watermark: float,
+    touch_interval_s: float,
+) -> None:
+    """Checks the constructor's arguments (``get_codec`` checks ``compression``).
+
+    :mod:`kvtier.config` validates the config keys; the tier checks its arguments
+    again because it is also built directly, from other sources than a config.
+    """
+    capacity = capacity_bytes
+    if capacity is not None and (
+        not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0
+    ):
+        raise ConfigError(
+            f"shared_fs.capacity_bytes must be a positive int or None, got {capacity!r}"
+        )
+    if not 0.0 < low_watermark < high_watermark <= 1.0:
+        raise ConfigError(
+            "shared_fs watermarks need 0 < low_watermark < high_watermark <= 1, "
+            f"got low_watermark={low_watermark!r}, high_watermark={high_watermark!r}"
+        )
+    if not 0.0 <= touch_interval_s < math.inf:
+        raise ConfigError(
+            "shared_fs.touch_interval_s must be a finite number >= 0, "
+            f"got {touch_interval_s!r}"
+        )
