@@ -243,3 +243,18 @@ def test_grpc_stubs_match_the_proto(tmp_path: Any) -> None:
     fresh = (tmp_path / "kvtier/server/_grpc/kvcache_pb2.py").read_text()
     shipped = resources.files("kvtier.server._grpc").joinpath("kvcache_pb2.py")
     assert fresh == shipped.read_text(), "regenerate the stubs (grpc_service.py)"
+
+
+def test_grafana_dashboard_uses_only_metrics_the_node_exports(node: NodeProcess) -> None:
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads(
+        (Path(__file__).parents[2] / "deploy/grafana/kvtier-dashboard.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"kvtier_[a-z_]+", e)}
+    stored_keys(node, 1)
+    _, text = http(node, "/metrics")
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert used and used <= exported, used - exported
