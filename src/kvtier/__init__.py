@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvtier.aio import AsyncTieredStore
+from kvtier.client import AsyncClient, Client
 from kvtier.config import Config, load_config
 from kvtier.core.index import BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain, Namespace, block_keys, engine_keys
-from kvtier.client import AsyncClient, Client
 from kvtier.errors import (
     AuthenticationError,
     ConfigError,

@@ -245,7 +245,9 @@ def test_grpc_stubs_match_the_proto(tmp_path: Any) -> None:
     assert fresh == shipped.read_text(), "regenerate the stubs (grpc_service.py)"
 
 
-def test_grafana_dashboard_uses_only_metrics_the_node_exports(node: NodeProcess) -> None:
+def test_grafana_dashboard_uses_only_metrics_the_node_exports(
+    node: NodeProcess,
+) -> None:
     import re
     from pathlib import Path
 
