@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier._placement import DISK, LOCAL_TIERS, Lease, Placement, accounts
+from kvtier._placement import DISK, LOCAL_TIERS, MEMORY, Lease, Placement, accounts
 from kvtier.config import Config
 from kvtier.core.index import BlockIndex, BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain
@@ -183,6 +183,29 @@ class TieredStore:
             BlockMeta(nbytes, group, parent, expire_at)
             for nbytes, parent in zip(sizes, parents, strict=True)
         ]
+
+    # Queries a server asks before a call, to run it on its event loop when it cannot
+    # touch a disk, and in a worker thread when it might.
+
+    def reserve_needs_io(self, nbytes: int) -> bool:
+        """Whether reserving ``nbytes`` more might write evicted blocks to disk."""
+        with self._lock:
+            _, tier_bytes = self._ledger.room_needed(MEMORY, BlockMeta(nbytes))
+            return bool(tier_bytes) and bool(self._place.dirty)
+
+    def commit_needs_io(self) -> bool:
+        """Whether a commit might write to disk (write-through, or backpressure)."""
+        policy = self.config.store.write_policy
+        if not self._place.has_lower:
+            return False
+        if policy == "write_through":
+            return True
+        return self._place.dirty_bytes > self.config.store.write_queue_bytes
+
+    def lease_needs_io(self, keys: Sequence[BlockKey]) -> bool:
+        """Whether leasing ``keys`` might read from disk (some leading block is not
+        in memory)."""
+        return any(tier != "memory" for tier in self.match(keys).tiers)
 
     def reserve(
         self,

@@ -136,3 +136,19 @@ def test_torch_tensors_over_both_paths(client: Client) -> None:
     outs = [torch.empty(layout.block_shape, dtype=torch.bfloat16) for _ in keys]
     assert client.get_into(keys, outs, layout=layout) == 2
     assert all(torch.equal(a, b) for a, b in zip(outs, tensors, strict=True))
+
+
+@pytest.mark.gpu
+def test_the_mapped_arena_is_pinned_for_async_gpu_copies(node: NodeProcess) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    keys, data = fresh_keys(2), blocks(2)
+    with node.client(shared_memory=True, pin_memory=True) as client:
+        assert client.aio._pinned_ptr is not None
+        assert client.put(keys, data, layout=LAYOUT)
+        lease = client.lease(keys)
+        gpu = torch.from_numpy(lease.views[0]).to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(gpu.cpu(), torch.from_numpy(lease.views[0]))
+        client.release(lease)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -38,6 +39,8 @@ from kvtier.errors import (
 from kvtier.protocol import FrameHeader, Kind, Op
 
 __all__ = ["Connection", "Sink"]
+
+log = logging.getLogger(__name__)
 
 Sink = Callable[[dict[str, Any]], Sequence[Any]]
 """Given a reply's body, the writable buffers its payload goes into, in order."""
@@ -141,6 +144,23 @@ class Connection:
             self._fail(error)  # a reply may be half read: the stream is out of step
             raise error from None
 
+    async def post(self, op: Op, body: dict[str, Any]) -> None:
+        """Sends a request whose reply nobody waits for (a release): the reply is read
+        and dropped by whoever reads next, which saves the round trip. A failure is
+        logged, never raised."""
+        if self._error is not None:
+            return
+        waiting = _Waiting(0, op, asyncio.get_running_loop().create_future())
+        waiting.future.add_done_callback(_log_failure)
+        async with self._send_lock:
+            waiting.request_id = next(self._ids) & 0xFFFFFFFF
+            frame = proto.encode_frame(Kind.REQUEST, op, waiting.request_id, body)
+            self._waiting.append(waiting)
+            try:
+                await self.channel.send([frame])
+            except ConnectionLostError as exc:
+                self._fail(exc)
+
     async def _await_reply(
         self, future: asyncio.Future[dict[str, Any]]
     ) -> dict[str, Any]:
@@ -196,6 +216,11 @@ class Connection:
 
     async def close(self) -> None:
         self._fail(ConnectionLostError("the connection was closed"))
+
+
+def _log_failure(future: asyncio.Future[dict[str, Any]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a request without a waiter failed: %s", future.exception())
 
 
 def _set(

@@ -162,8 +162,14 @@ class Session:
         if remaining[0]:
             raise RemoteError("bad_request", "this operation takes no payload")
 
-    async def _in_thread(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+    async def _off_loop(
+        self, needs_io: bool, fn: Callable[..., _T], *args: Any, **kwargs: Any
+    ) -> _T:
+        """Runs a store call in a worker thread when it might wait on a disk, and on
+        the loop otherwise: a thread hop costs more than a memory-only call."""
+        if needs_io:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
 
     # ------------------------------------------------------------- handshake
 
@@ -214,7 +220,9 @@ class Session:
                 "bad_request",
                 f"sizes add up to {sum(sizes)} bytes, the payload has {rest[0]}",
             )
-        reservation = await self._in_thread(self.store.reserve, chain, sizes)
+        reservation = await self._off_loop(
+            self.store.reserve_needs_io(sum(sizes)), self.store.reserve, chain, sizes
+        )
         try:
             for slot in reservation.slots:
                 if slot.status == "reserved":
@@ -227,7 +235,9 @@ class Session:
         except BaseException:
             self.store.abort(reservation)
             raise
-        result = await self._in_thread(self.store.commit, reservation)
+        result = await self._off_loop(
+            self.store.commit_needs_io(), self.store.commit, reservation
+        )
         self.node.metrics.observe_received(sum(sizes))
         await self._reply(header, {"stored": list(result.stored)})
 
@@ -236,7 +246,9 @@ class Session:
     ) -> None:
         self._no_payload(rest)
         keys = [BlockKey(k) for k in proto.field_keys(body)]
-        lease = await self._in_thread(self.store.lease, keys)
+        lease = await self._off_loop(
+            self.store.lease_needs_io(keys), self.store.lease, keys
+        )
         try:
             sizes = [view.nbytes for view in lease.views]
             await self._reply(header, {"sizes": sizes}, list(lease.views))
@@ -269,7 +281,7 @@ class Session:
     ) -> None:
         self._no_payload(rest)
         keys = [BlockKey(k) for k in proto.field_keys(body)]
-        removed = await self._in_thread(self.store.delete, keys)
+        removed = await self._off_loop(True, self.store.delete, keys)
         await self._reply(header, {"removed": removed})
 
     async def _list(
@@ -312,8 +324,12 @@ class Session:
         chain = self._chain(body)
         sizes = proto.field_sizes(body, len(chain))
         timeout = proto.field_optional(body, "timeout", (int, float))
-        reservation = await self._in_thread(
-            self.store.reserve, chain, sizes, timeout=timeout
+        reservation = await self._off_loop(
+            self.store.reserve_needs_io(sum(sizes)),
+            self.store.reserve,
+            chain,
+            sizes,
+            timeout=timeout,
         )
         self.reservations[reservation.reservation_id] = reservation
         slots = [[_STATUS_CODES[s.status], s.offset] for s in reservation.slots]
@@ -331,7 +347,9 @@ class Session:
     ) -> None:
         self._no_payload(rest)
         reservation = self._take(self.reservations, proto.field_int(body, "id"))
-        result = await self._in_thread(self.store.commit, reservation)
+        result = await self._off_loop(
+            self.store.commit_needs_io(), self.store.commit, reservation
+        )
         await self._reply(header, {"stored": list(result.stored)})
 
     async def _abort(
@@ -347,7 +365,9 @@ class Session:
         self._no_payload(rest)
         self._need_local()
         keys = [BlockKey(k) for k in proto.field_keys(body)]
-        lease = await self._in_thread(self.store.lease, keys)
+        lease = await self._off_loop(
+            self.store.lease_needs_io(keys), self.store.lease, keys
+        )
         lease_id = next(self._lease_ids)
         self.leases[lease_id] = lease
         slots = [[o, v.nbytes] for o, v in zip(lease.offsets, lease.views, strict=True)]
