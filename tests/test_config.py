@@ -25,7 +25,7 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
     )
     env = {
         "KVTIER_MEMORY_CAPACITY_BYTES": "3GiB",
-        "KVTIER_SHARED_FS_PATH": "/mnt/kv",
+        "KVTIER_REMOTE_URLS": "file:///mnt/kv, redis://h:6379/0",
         "KVTIER_DISK_FSYNC": "yes",
     }
     config = load_config(path, env=env, overrides={"memory.policy": "s3fifo"})
@@ -33,7 +33,7 @@ def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
     assert config.memory.policy == "s3fifo"
     assert config.disk.capacity_bytes == 10 * 1000**3
     assert config.disk.fsync is True
-    assert config.shared_fs.path == "/mnt/kv"
+    assert config.remote.urls == ["file:///mnt/kv", "redis://h:6379/0"]
     assert config.store.quotas["acme"].memory_bytes == 1 << 30
     assert config.store.quotas["acme"].disk_bytes is None
 

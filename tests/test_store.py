@@ -336,10 +336,12 @@ def test_shared_fs_tier_serves_blocks_between_stores(tmp_path: Path) -> None:
     keys = prompt(3)
     blocks = blocks_for(keys)
     with make_store(
-        tmp_path / "a", shared_fs__path=shared, store__write_policy="write_through"
+        tmp_path / "a",
+        remote__urls=f"file://{shared}",
+        store__write_policy="write_through",
     ) as a:
         a.put(keys, blocks, layout=LAYOUT)
-    with make_store(tmp_path / "b", shared_fs__path=shared) as b:
+    with make_store(tmp_path / "b", remote__urls=f"file://{shared}") as b:
         match = b.match(keys)
         assert match.num_blocks == 3 and match.tiers == ("shared_fs",) * 3
         got = b.get(keys, layout=LAYOUT)

@@ -32,7 +32,7 @@ from kvtier.core.policy import make_policy
 from kvtier.results import StoreStats
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.memory import MemoryTier
-from kvtier.tiers.shared_fs import SharedFSTier
+from kvtier.tiers.remote import Guarded
 
 __all__ = [
     "DISK",
@@ -101,16 +101,16 @@ class Placement:
         ledger: Ledger,
         memory: MemoryTier,
         disk: DiskTier | None,
-        shared: SharedFSTier | None,
+        remotes: list[Guarded],
         stats: StoreStats,
     ) -> None:
         self.ledger = ledger
         self.index = ledger.index
         self.memory = memory
         self.disk = disk
-        self.shared = shared
+        self.remotes = remotes
         self.stats = stats
-        self.has_lower = disk is not None or shared is not None
+        self.has_lower = disk is not None or bool(remotes)
         self.dirty: dict[BlockKey, None] = {}  # in memory, not yet below; in order
         self.dirty_bytes = 0
         self.reserving: dict[BlockKey, int] = {}  # key -> reservation filling it
@@ -332,33 +332,36 @@ class Placement:
         lease = self.acquire(key, entry, float("inf"))
         return Write(key, self.memory.view(*location), entry.meta, lease, to_disk)
 
-    def write_below(self, writes: list[Write]) -> tuple[list[bool], int]:
-        """The I/O: disk takes the writes it has room for, the shared tier all.
+    def write_below(self, writes: list[Write]) -> tuple[list[bool], dict[str, int]]:
+        """The I/O: disk takes the writes it has room for, each remote tier all.
 
         Safe without the lock: the blocks are leased and only read.
 
         Returns:
-            Per write, whether it reached disk; and how many the shared tier refused.
+            Per write, whether it reached disk; and per remote tier, how many it
+            refused.
         """
         items = [(w.key, w.payload, w.meta) for w in writes]
-        shared_failures = 0
-        if self.shared is not None:
-            shared_failures = self.shared.write(items).count(False)
+        remote_failures = {r.name: r.write(items).count(False) for r in self.remotes}
         if self.disk is None:
-            return [False] * len(writes), shared_failures
+            return [False] * len(writes), remote_failures
         to_disk = [item for item, w in zip(items, writes, strict=True) if w.to_disk]
         results = iter(self.disk.write(to_disk) if to_disk else [])
-        return [next(results) if w.to_disk else False for w in writes], shared_failures
+        return [next(results) if w.to_disk else False for w in writes], remote_failures
 
     def finish_writes(
-        self, writes: list[Write], oks: list[bool], shared_failures: int, now: float
+        self,
+        writes: list[Write],
+        oks: list[bool],
+        remote_failures: dict[str, int],
+        now: float,
     ) -> None:
         """Records what reached disk and releases the writes' leases.
 
         ``oks`` may be empty when the I/O raised: nothing reached disk.
         """
-        if shared_failures:
-            self.stats.tiers["shared_fs"].write_failures += shared_failures
+        for name, failures in remote_failures.items():
+            self.stats.tiers[name].write_failures += failures
         oks = oks or [False] * len(writes)
         for write, ok in zip(writes, oks, strict=True):
             self.release(write.lease)

@@ -43,7 +43,7 @@ __all__ = [
     "DiskConfig",
     "MemoryConfig",
     "ServerConfig",
-    "SharedFSConfig",
+    "RemoteConfig",
     "StoreConfig",
     "load_config",
     "parse_bytes",
@@ -60,8 +60,10 @@ CodecName = Literal["none", "lz4", "zstd"]
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"doc": text})
+    if isinstance(default, dict | list):
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"doc": text}
+        )
     return field(default=default, metadata={"doc": text}, **kwargs)
 
 
@@ -177,17 +179,27 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
-class SharedFSConfig:
-    """A directory several nodes mount (NFS-like), below disk."""
+class RemoteConfig:
+    """Shared tiers below disk, by URL, asked in order (docs/architecture.md)."""
 
-    path: str = _doc("Directory of the shared tier ('' = no shared tier).", "")
-    capacity_bytes: int | None = _doc(
-        "Most bytes kept there before sweeps delete the least recently used "
-        "(unset = unbounded).",
-        None,
+    urls: list[str] = _doc(
+        "Tier URLs: file:///dir, redis://, rediss://, redis+sentinel://, "
+        "redis+cluster://, s3://bucket/prefix?endpoint_url=..., kvtier://host:port. "
+        "Comma-separated in the environment and flags.",
+        [],
     )
     compression: CodecName = _doc("Compress blocks: none, lz4 or zstd.", "none")
-    fsync: bool = _doc("fsync each block file before publishing it.", False)
+    retry_after: float = _doc(
+        "Seconds an unreachable tier is skipped before it is tried again (doubling "
+        "while it stays down, up to 30).",
+        1.0,
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive("remote.retry_after", self.retry_after)
+        for url in self.urls:
+            if "://" not in url:
+                raise ConfigError(f"remote.urls entries are URLs, got {url!r}")
 
 
 @dataclass(frozen=True)
@@ -292,7 +304,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
-    shared_fs: SharedFSConfig = field(default_factory=SharedFSConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -365,7 +377,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "store": StoreConfig,
     "memory": MemoryConfig,
     "disk": DiskConfig,
-    "shared_fs": SharedFSConfig,
+    "remote": RemoteConfig,
     "server": ServerConfig,
     "cluster": ClusterConfig,
 }
@@ -402,7 +414,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _env_tree(env: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
-    sections = sorted(_SECTIONS, key=len, reverse=True)  # shared_fs before store...
+    sections = sorted(_SECTIONS, key=len, reverse=True)  # longest name first
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -487,6 +499,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     if origin is dict:
         return _coerce_dict(get_args(hint)[1], value, key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [
+            _coerce(get_args(hint)[0], item, f"{key}[{i}]")
+            for i, item in enumerate(value)
+        ]
     if hint is bool:
         return _coerce_bool(value, key)
     if hint is int:

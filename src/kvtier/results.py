@@ -158,6 +158,8 @@ class TierStats:
         bytes_read: Bytes served from this tier.
         num_corrupt: Blocks that failed their checksum and were quarantined.
         write_failures: Writes the tier refused (full disk, I/O error).
+        healthy: For a remote tier, whether it answers (a failing one is skipped).
+        errors: For a remote tier, calls that failed.
     """
 
     name: str
@@ -171,6 +173,8 @@ class TierStats:
     bytes_read: int = 0
     num_corrupt: int = 0
     write_failures: int = 0
+    healthy: bool = True
+    errors: int = 0
 
 
 @dataclass

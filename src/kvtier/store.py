@@ -1,7 +1,8 @@
-"""TieredStore: put / get / match / delete / prefetch across memory, disk and shared FS.
+"""TieredStore: put / get / match / delete / prefetch over memory, disk, remote tiers.
 
-Tier 0 is memory, tier 1 local disk, both indexed here; the shared filesystem below them
-is not (other nodes write there too) and is asked directly once the local tiers run out.
+Tier 0 is memory, tier 1 local disk, both indexed here; the remote tiers below them
+(a shared filesystem, Redis, S3, a peer node: ``remote.urls``) are not, since other
+nodes write there too: they are asked directly, in order, once the local tiers run out.
 The :class:`~kvtier.core.ledger.Ledger` keeps each local tier's residency, policy,
 budget and quotas in step; this module moves the bytes.
 
@@ -79,12 +80,12 @@ class TieredStore:
         self._work = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._closed = False
-        self._memory, self._disk, self._shared = open_tiers(config)
+        self._memory, self._disk, self._remotes = open_tiers(config)
         self._ledger = Ledger(BlockIndex(), accounts(config, self._disk is not None))
         self._index = self._ledger.index
         self._stats = StoreStats({name: TierStats(name) for name in self.tier_names})
         self._place = Placement(
-            self._ledger, self._memory, self._disk, self._shared, self._stats
+            self._ledger, self._memory, self._disk, self._remotes, self._stats
         )
         self._reload_disk()
         self._prefetcher = concurrent.futures.ThreadPoolExecutor(
@@ -108,8 +109,7 @@ class TieredStore:
         names = ["memory"]
         if self._disk is not None:
             names.append("disk")
-        if self._shared is not None:
-            names.append("shared_fs")
+        names += [remote.name for remote in self._remotes]
         return tuple(names)
 
     def _reload_disk(self) -> None:
@@ -145,7 +145,7 @@ class TieredStore:
 
         A key already stored counts as stored and is only touched: blocks are content
         addressed, equal keys mean equal KV. Blocks land in memory; the write policy
-        takes them down to disk and the shared tier.
+        takes them down to disk and the remote tiers.
 
         Args:
             keys: One key per block. A :class:`~kvtier.KeyChain` also gives each
@@ -375,12 +375,12 @@ class TieredStore:
         if not writes:
             return
         oks: list[bool] = []
-        shared_failures = 0
+        remote_failures: dict[str, int] = {}
         try:
-            oks, shared_failures = self._place.write_below(writes)
+            oks, remote_failures = self._place.write_below(writes)
         finally:
             with self._lock:
-                self._place.finish_writes(writes, oks, shared_failures, now)
+                self._place.finish_writes(writes, oks, remote_failures, now)
 
     # ------------------------------------------------------------------ get
 
@@ -466,7 +466,7 @@ class TieredStore:
                 self._finish_read(leases, copied, now)
         self._promote(from_disk)
         if copied == len(leases):
-            copied += self._read_shared(keys[copied:], target)
+            copied += self._read_remote(keys[copied:], target)
         if count:
             with self._lock:
                 self._count_lookup(len(keys), copied)
@@ -503,26 +503,34 @@ class TieredStore:
             promote=True,
         )
 
-    def _read_shared(self, keys: Sequence[BlockKey], target: Target) -> int:
-        """Continues a prefix from the shared tier once the local tiers run out.
+    def _read_remote(self, keys: Sequence[BlockKey], target: Target) -> int:
+        """Continues a prefix from the remote tiers once the local tiers run out.
 
         Blocks found there are put in memory and written down like any put.
         """
-        if self._shared is None:
-            return 0
         found = 0
         for key in keys:
-            meta = self._shared.meta(key, self._clock())
-            if meta is None:
+            hit = self._remote_get(key)
+            if hit is None:
                 break
-            out = target(meta.nbytes)
-            if not self._shared.read_into(key, out.data, self._clock()):
-                break
+            name, block = hit
+            out = target(block.nbytes)
+            np.copyto(out, block)
+            meta = BlockMeta(block.nbytes)
             self._store([key], [out], [meta], promote=False)
+            with self._lock:
+                self._stats.tiers[name].hits += 1
+                self._stats.tiers[name].bytes_read += block.nbytes
             found += 1
-        with self._lock:
-            self._stats.tiers["shared_fs"].hits += found
         return found
+
+    def _remote_get(self, key: BlockKey) -> tuple[str, Array] | None:
+        now = self._clock()
+        for remote in self._remotes:
+            block = remote.get(key, now)
+            if block is not None:
+                return remote.name, block
+        return None
 
     def lease(self, keys: Sequence[BlockKey]) -> BlockLease:
         """Leases the leading stored blocks of ``keys`` for reading in place.
@@ -591,18 +599,28 @@ class TieredStore:
             else:
                 result = self._index.match_window(keys, window, now)
         tiers = tuple(LOCAL_TIERS[t] for t in result.tiers)
-        if (
-            window is None
-            and self._shared is not None
-            and result.num_blocks < len(keys)
-        ):
-            extra = 0
-            for present in self._shared.contains(keys[result.num_blocks :]):
-                if not present:
-                    break
-                extra += 1
-            return Match(result.num_blocks + extra, tiers + ("shared_fs",) * extra)
+        if window is None and self._remotes and result.num_blocks < len(keys):
+            below = self._remote_prefix(keys[result.num_blocks :])
+            return Match(result.num_blocks + len(below), tiers + below)
         return Match(result.num_blocks, tiers)
+
+    def _remote_prefix(self, keys: Sequence[BlockKey]) -> tuple[str, ...]:
+        """The remote tier holding each of the leading ``keys`` found below."""
+        holders: list[str | None] = [None] * len(keys)
+        for remote in self._remotes:
+            missing = [i for i, h in enumerate(holders) if h is None]
+            if not missing:
+                break
+            present = remote.contains([keys[i] for i in missing])
+            for i, hit in zip(missing, present, strict=True):
+                if hit:
+                    holders[i] = remote.name
+        leading = []
+        for holder in holders:
+            if holder is None:
+                break
+            leading.append(holder)
+        return tuple(leading)
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         """For each key, in any order, whether some tier stores it."""
@@ -610,9 +628,11 @@ class TieredStore:
         with self._lock:
             self._check_open()
             present = self._index.match_exact(keys, now)
-        if self._shared is not None:
+        for remote in self._remotes:
             missing = [k for k, p in zip(keys, present, strict=True) if not p]
-            found = dict(zip(missing, self._shared.contains(missing), strict=True))
+            if not missing:
+                break
+            found = dict(zip(missing, remote.contains(missing), strict=True))
             present = [
                 p or found.get(k, False) for k, p in zip(keys, present, strict=True)
             ]
@@ -624,8 +644,8 @@ class TieredStore:
         with self._lock:
             self._check_open()
             removed = sum(self._place.remove(key, now) for key in keys)
-        if self._shared is not None:
-            removed = max(removed, self._shared.delete(keys))
+        for remote in self._remotes:
+            removed = max(removed, remote.delete(keys))
         return removed
 
     def list(
@@ -705,11 +725,9 @@ class TieredStore:
             }
         if self._disk is not None:
             tiers["disk"].num_corrupt = self._disk.stats().num_corrupt
-        if self._shared is not None:
-            shared = self._shared.stats()
-            tiers["shared_fs"].num_corrupt = shared.num_corrupt
-            tiers["shared_fs"].bytes_written = shared.bytes_written
-            tiers["shared_fs"].bytes_read = shared.bytes_read
+        for remote in self._remotes:
+            tiers[remote.name].healthy = remote.healthy
+            tiers[remote.name].errors = remote.errors
         return snapshot
 
     # ------------------------------------------------------------ lifecycle
@@ -737,9 +755,10 @@ class TieredStore:
             thread.join()
         self._prefetcher.shutdown(wait=True)
         self._memory.close()
-        for tier in (self._disk, self._shared):
-            if tier is not None:
-                tier.close()
+        if self._disk is not None:
+            self._disk.close()
+        for remote in self._remotes:
+            remote.close()
 
     def __enter__(self) -> TieredStore:
         return self

@@ -1,7 +1,7 @@
 """Clients of kvtier: one node (:class:`AsyncClient`, :class:`Client`) or a whole
 cluster (:class:`AsyncClusterClient`, :class:`ClusterClient`), with the store's API.
 
-The cluster clients need the ``cluster`` extra (aetcd); they are imported on first use
+The cluster clients need the ``cluster`` extra (aiohttp); they are imported on first use
 so that ``import kvtier`` stays light.
 """
 

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -103,8 +104,8 @@ class AsyncClient:
         retries: Extra attempts of a request that is safe to repeat.
         backoff: First wait before a retry, doubled each time.
         pin_memory: Page-lock the mapped arena with CUDA (``cudaHostRegister``) so
-            copies between it and a GPU run asynchronously: ``None`` does it when
-            torch sees a CUDA device.
+            copies between it and a GPU run asynchronously: ``None`` does it when the
+            program has imported torch and torch sees a CUDA device.
     """
 
     def __init__(
@@ -464,16 +465,20 @@ def _pin_for_cuda(arena: Array, wanted: bool | None) -> int | None:
     """Page-locks the mapped arena for CUDA; returns its address when pinned."""
     if wanted is False:
         return None
-    try:
-        import torch
-    except ImportError:
-        torch = None  # type: ignore[assignment]
+    # Auto mode looks only at a torch the program already imported: importing it
+    # here would cost seconds to clients that never touch a GPU.
+    torch = sys.modules.get("torch")
+    if wanted and torch is None:
+        try:
+            import torch
+        except ImportError:
+            torch = None
     if torch is None or not torch.cuda.is_available():
         if wanted:
             raise ConnectionLostError("pin_memory=True needs torch with a CUDA device")
         return None
     pointer = int(arena.ctypes.data)
-    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    cudart = torch.cuda.cudart()
     status = cudart.cudaHostRegister(pointer, arena.nbytes, 0)
     if int(status) != 0:
         log.warning(

@@ -75,10 +75,16 @@ class AsyncClusterClient:
         self._repairs: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> AsyncClusterClient:
-        await self._etcd.connect()
-        await self.membership.start_watching()
-        if not self.membership.nodes:
-            raise ClusterError(f"cluster {self.membership.cluster!r} has no live nodes")
+        try:
+            await self._etcd.connect()
+            await self.membership.start_watching()
+            if not self.membership.nodes:
+                raise ClusterError(
+                    f"cluster {self.membership.cluster!r} has no live nodes"
+                )
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:

@@ -197,8 +197,8 @@ class Connection:
     async def _receive_payload(
         self, waiting: _Waiting, body: dict[str, Any], nbytes: int
     ) -> None:
-        if not nbytes:
-            return
+        """Into the buffers the sink names (asked even for an empty payload, so it
+        sees every reply's body)."""
         buffers = waiting.sink(body) if waiting.sink is not None else []
         if sum(memoryview(b).nbytes for b in buffers) != nbytes:
             raise ProtocolError(f"reply payload of {nbytes} bytes fits no buffers")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -64,7 +64,9 @@ _RATE_WINDOW_S = 60.0
 class NodeMetrics:
     """The node's registry; :meth:`observe_op` records one request."""
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(
+        self, store: TieredStore, cluster_size: Callable[[], int] | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "kvtier_requests",
@@ -92,7 +94,7 @@ class NodeMetrics:
             ["direction"],
             registry=self.registry,
         )
-        self._cache = _CacheCollector(store)
+        self._cache = _CacheCollector(store, cluster_size)
         self.registry.register(self._cache)
 
     def observe_op(self, op: int, seconds: float, payload_bytes: int) -> None:
@@ -124,8 +126,11 @@ def _op_name(op: int) -> str:
 class _CacheCollector(Collector):
     """Reads the store's statistics at scrape time."""
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(
+        self, store: TieredStore, cluster_size: Callable[[], int] | None
+    ) -> None:
         self.store = store
+        self.cluster_size = cluster_size
         self._evictions: collections.deque[tuple[float, int]] = collections.deque()
         self._transfers: collections.deque[tuple[float, int]] = collections.deque()
 
@@ -157,6 +162,12 @@ class _CacheCollector(Collector):
         yield _counter("kvtier_cache_miss_blocks", "Blocks missed.", stats.miss_blocks)
         yield from self._tier_metrics(stats, now)
         yield from self._group_metrics(stats)
+        if self.cluster_size is not None:
+            yield _gauge(
+                "kvtier_cluster_nodes",
+                "Live nodes this node sees.",
+                self.cluster_size(),
+            )
         yield _gauge(
             "kvtier_cache_transfer_bandwidth_bytes_per_second",
             "Payload bytes moved per second over the last minute.",
@@ -184,6 +195,14 @@ class _CacheCollector(Collector):
         hits = CounterMetricFamily(
             "kvtier_cache_tier_hits", "Blocks served by tier.", labels=["tier"]
         )
+        up = GaugeMetricFamily(
+            "kvtier_backend_up",
+            "1 while a tier answers; a failing remote tier is skipped (0).",
+            labels=["tier"],
+        )
+        errors = CounterMetricFamily(
+            "kvtier_backend_errors", "Failed calls to a tier.", labels=["tier"]
+        )
         total_evictions = 0
         for tier in stats.tiers.values():
             size.add_metric([tier.name], tier.used_bytes)
@@ -195,8 +214,10 @@ class _CacheCollector(Collector):
             )
             evict.add_metric([tier.name], tier.evictions)
             hits.add_metric([tier.name], tier.hits)
+            up.add_metric([tier.name], 1.0 if tier.healthy else 0.0)
+            errors.add_metric([tier.name], tier.errors)
             total_evictions += tier.evictions
-        yield from (size, cap, items, util, evict, hits)
+        yield from (size, cap, items, util, evict, hits, up, errors)
         self._evictions.append((now, total_evictions))
         yield _gauge(
             "kvtier_cache_eviction_rate",

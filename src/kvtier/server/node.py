@@ -56,7 +56,7 @@ class Node:
         self.config = config
         self.node_id = server.node_id or f"{socket.gethostname()}:{server.port}"
         self.store = TieredStore(config)
-        self.metrics = NodeMetrics(self.store)
+        self.metrics = NodeMetrics(self.store, self._cluster_size)
         self.unix_name = f"\0kvtier-{uuid.uuid4().hex}" if server.shared_memory else ""
         self.ready = False
         self.stopped = asyncio.Event()
@@ -191,6 +191,10 @@ class Node:
         task.add_done_callback(self._sessions.discard)
 
     # ------------------------------------------------------------- answers
+
+    def _cluster_size(self) -> int:
+        cluster = getattr(self, "cluster", None)  # scraped once while registering
+        return len(cluster.membership.nodes) if cluster is not None else 1
 
     def hello_info(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""Where bytes live: memory, local disk, a shared filesystem (more to come).
+"""Where bytes live: memory, local disk, and shared tiers by URL below them.
 
 Every tier outside memory stores blocks as records (``_record.py``): a 64-byte header
 with the key, sizes, codec, expiry and a checksum, then the payload.
@@ -9,17 +9,17 @@ from __future__ import annotations
 from kvtier.config import Config
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.memory import MemoryTier
-from kvtier.tiers.shared_fs import SharedFSTier
+from kvtier.tiers.remote import Guarded, open_remote
 
-__all__ = ["DiskTier", "MemoryTier", "SharedFSTier", "open_tiers"]
+__all__ = ["DiskTier", "MemoryTier", "open_tiers"]
 
 
-def open_tiers(
-    config: Config,
-) -> tuple[MemoryTier, DiskTier | None, SharedFSTier | None]:
-    """The tiers ``config`` asks for: memory always, disk and shared FS when enabled.
+def open_tiers(config: Config) -> tuple[MemoryTier, DiskTier | None, list[Guarded]]:
+    """The tiers ``config`` asks for: memory always, disk when enabled, then every
+    remote tier of ``remote.urls``, in order (named uniquely: redis, redis2, ...).
 
     Raises:
+        ConfigError: A remote URL is not usable.
         StorageError: A directory cannot be created or opened.
     """
     memory = MemoryTier(
@@ -37,14 +37,16 @@ def open_tiers(
             fsync=config.disk.fsync,
             compression=config.disk.compression,
         )
-    shared = None
-    if config.shared_fs.path:
-        shared = SharedFSTier(
-            config.shared_fs.path,
-            capacity_bytes=config.shared_fs.capacity_bytes,
-            compression=config.shared_fs.compression,
-            fsync=config.shared_fs.fsync,
-            high_watermark=config.store.high_watermark,
-            low_watermark=config.store.low_watermark,
+    remotes = []
+    seen: dict[str, int] = {}
+    for url in config.remote.urls:
+        remote = open_remote(
+            url,
+            compression=config.remote.compression,
+            retry_after=config.remote.retry_after,
         )
-    return memory, disk, shared
+        seen[remote.name] = seen.get(remote.name, 0) + 1
+        if seen[remote.name] > 1:
+            remote.name = f"{remote.name}{seen[remote.name]}"
+        remotes.append(remote)
+    return memory, disk, remotes

@@ -23,17 +23,21 @@ scan after a crash, ``check()``) is self-describing.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from kvtier.core.keys import KEY_BYTES, BlockKey
 from kvtier.errors import CorruptBlockError
-from kvtier.layout import Codec, checksum, codec_by_id
+from kvtier.layout import Codec, as_block_array, checksum, codec_by_id
 
-__all__ = ["HEADER_BYTES", "RecordHeader", "decode_into", "encode"]
+__all__ = ["HEADER_BYTES", "RecordHeader", "decode_into", "encode", "pack", "unpack"]
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"KVT1"
 VERSION = 1
@@ -139,3 +143,29 @@ def decode_into(header: RecordHeader, stored: Any, out: memoryview) -> None:
             out[:] = stored
         return
     codec_by_id(header.codec_id).decompress_into(stored, out)
+
+
+def pack(key: BlockKey, block: Any, codec: Codec, expire_at: float) -> bytes:
+    """One record as bytes (for stores that take a single value: Redis, S3)."""
+    raw = np.ascontiguousarray(as_block_array(block)).reshape(-1).view(np.uint8)
+    header, stored = encode(
+        key, raw.data, codec, expire_at if expire_at < 1e300 else 0.0
+    )
+    return header.pack() + bytes(stored)
+
+
+def unpack(data: Any, key: BlockKey, now: float) -> np.ndarray[Any, Any] | None:
+    """The verified block of a whole record, or ``None`` when it is not the block
+    asked for, has expired, or fails its checks (logged)."""
+    try:
+        header = RecordHeader.unpack(data)
+        if header.key != key:
+            raise CorruptBlockError(f"record holds block {header.key.hex()}")
+        if header.expire_at and header.expire_at <= now:
+            return None
+        out = np.empty(header.raw_bytes, dtype=np.uint8)
+        decode_into(header, memoryview(data)[HEADER_BYTES:], out.data)
+        return out
+    except CorruptBlockError as exc:
+        log.warning("corrupt record for block %s: %s", key.hex(), exc)
+        return None

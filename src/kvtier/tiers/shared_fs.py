@@ -260,6 +260,16 @@ class SharedFSTier:
         self._count(reads=1, hits=1, bytes_read=num_bytes)
         return True
 
+    def get(
+        self, key: BlockKey, now: float | None = None
+    ) -> np.ndarray[Any, Any] | None:
+        """The verified block as a new array, or ``None`` (the remote-tier read)."""
+        meta = self.meta(key, now)
+        if meta is None:
+            return None
+        out = np.empty(meta.nbytes, dtype=np.uint8)
+        return out if self.read_into(key, out.data, now) else None
+
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         """For each key, whether its file exists (one ``stat`` each, no read).
 
