@@ -4,6 +4,8 @@
     kvtier config               the resolved configuration (YAML), or --markdown docs
     kvtier check [--fix]        audit the disk tier's index against its segment files
     kvtier bench store          the embedded store against same-run baselines
+    kvtier route                KV-aware router for inference pods (kvtier.router.cli)
+    kvtier bench route          event ingestion, route latency, index memory
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -26,6 +28,7 @@ from rich.table import Table
 from kvtier import __version__
 from kvtier.config import Config, load_config, render_markdown
 from kvtier.errors import ConfigError, KVTierError
+from kvtier.router import cli as router_cli
 
 log = logging.getLogger("kvtier")
 
@@ -95,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--dir", help="scratch directory (default: the system temp dir)")
     store.add_argument("--repeats", type=int, help="runs per figure (median reported)")
     store.set_defaults(run=_cmd_bench_store)
+    router_cli.register(sub, bench_sub, common, _load)
     return parser
 
 
