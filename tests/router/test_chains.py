@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from tests.router import vllm
 
 from kvtier.core.keys import BlockKey, Namespace, block_keys
 from kvtier.router.chains import PodChains
 from kvtier.router.events import BlockRemoved, BlockStored, EngineHash
 from kvtier.router.index import GlobalIndex, SlotSink
-from tests.router import vllm
 
 BLOCK_TOKENS = 64  # four 16-token engine blocks per kvtier block
 GPU, CPU = 1, 2  # holders mask bits of slot 0 (two tiers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from tests.router import vllm
 
 from kvtier.errors import EventFormatError
 from kvtier.router.events import (
@@ -12,7 +13,6 @@ from kvtier.router.events import (
     BlockStored,
     decode_batch,
 )
-from tests.router import vllm
 
 TOKENS = list(range(32))
 HASHES = vllm.engine_hashes(TOKENS)

@@ -8,8 +8,9 @@ the ingest loop acts on the verdict:
 
 ``apply``      the next batch: apply it.
 ``duplicate``  already applied (a replay and the live stream overlap): skip it.
-``first``      the first batch heard (since start, a reset or an expiry): what came
-               before is unknown; replay from 0 where the pod offers it, then apply.
+``first``      the first batch heard (since start, a reset or an expiry) is not
+               batch 0: what came before is unknown; replay from 0 where the pod
+               offers it, then apply.
 ``gap``        batches were lost: replay from the first missing one where the pod
                offers it; else the pod's index may be wrong, so drop it and go on.
 ``restart``    the numbers went back and the batch is newer than the last one
@@ -47,7 +48,7 @@ class Feed:
     def classify(self, seq: int, ts: float) -> Verdict:
         """What batch ``seq`` (sent at ``ts``) is to this feed. No side effects."""
         if self.expected is None:
-            return Verdict.FIRST
+            return Verdict.APPLY if seq == 0 else Verdict.FIRST
         if seq == self.expected:
             return Verdict.APPLY
         if seq > self.expected:

@@ -45,11 +45,12 @@ _RCVHWM = 100_000  # vLLM's publisher keeps 100k batches (hwm) on its side too
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 Frames = list[bytes]
+_DISCONNECTED = None  # queued when the connection to a pod's publisher drops
 
 
 @dataclass
 class _Stream:
-    queue: asyncio.Queue[Frames] = field(
+    queue: asyncio.Queue[Frames | None] = field(
         default_factory=lambda: asyncio.Queue(_QUEUE_FRAMES)
     )
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -69,14 +70,19 @@ class Ingest:
         self._context = context
         self._streams: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.bound_endpoint = ""
 
     def start(self) -> None:
-        """Follows the configured pods, binds ``bind_endpoint``, starts expiry."""
+        """Follows the configured pods, binds ``bind_endpoint``, starts expiry.
+
+        Raises:
+            ConfigError: ``bind_endpoint`` cannot be bound.
+        """
         config = self._router.config
+        if config.bind_endpoint:
+            self._tasks.append(asyncio.create_task(self._bound(self._bind())))
         for pod_id, pod_config in config.pods.items():
             self.follow(self._router.add_pod(pod_id, pod_config))
-        if config.bind_endpoint:
-            self._tasks.append(asyncio.create_task(self._bound(config.bind_endpoint)))
         if config.silence_seconds:
             self._tasks.append(asyncio.create_task(self._expiry()))
 
@@ -107,15 +113,43 @@ class Ingest:
         with self._socket(zmq.SUB) as sock:
             sock.setsockopt(zmq.RCVHWM, _RCVHWM)
             sock.setsockopt(zmq.SUBSCRIBE, pod.config.topic.encode())
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            watcher = asyncio.create_task(self._watch(monitor, stream))
             sock.connect(pod.config.endpoint)
-            while True:
-                await stream.queue.put(await sock.recv_multipart())
+            try:
+                while True:
+                    await stream.queue.put(await sock.recv_multipart())
+            finally:
+                await _cancel([watcher])
+                sock.disable_monitor()
+                monitor.close(linger=0)
 
-    async def _bound(self, endpoint: str) -> None:
-        with self._socket(zmq.SUB) as sock:
-            sock.setsockopt(zmq.RCVHWM, _RCVHWM)
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
+    async def _watch(self, monitor: zmq.asyncio.Socket, stream: _Stream) -> None:
+        """A dropped connection means the engine exited or the network broke: either
+        way what it holds now is unknown, so the worker drops its index (and replays,
+        when the pod offers it, on the next batch)."""
+        while True:
+            await monitor.recv_multipart()
+            await stream.queue.put(_DISCONNECTED)
+
+    def _bind(self) -> zmq.asyncio.Socket:
+        endpoint = self._router.config.bind_endpoint
+        sock = self._context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, _RCVHWM)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        try:
             sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise ConfigError(
+                f"router.bind_endpoint: cannot bind {endpoint}: {exc}"
+            ) from exc
+        self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock
+
+    async def _bound(self, sock: zmq.asyncio.Socket) -> None:
+        with contextlib.closing(sock):
             while True:
                 frames = await sock.recv_multipart()
                 stream = self._stream_for_topic(frames[0])
@@ -141,7 +175,10 @@ class Ingest:
         while True:
             frames = await stream.queue.get()
             try:
-                await self._handle(pod, frames)
+                if frames is _DISCONNECTED:
+                    self._router.resync(pod, "disconnect")
+                else:
+                    await self._handle(pod, frames)
             except Exception:  # one bad batch must not end a pod's ingestion
                 log.exception("pod %s: failed to apply a batch", pod.pod_id)
                 self._router.resync(pod, "error")

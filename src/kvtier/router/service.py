@@ -16,6 +16,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from kvtier.config import Config
+from kvtier.errors import ConfigError
 from kvtier.router.http import make_app
 from kvtier.router.ingest import Ingest
 from kvtier.router.router import Router
@@ -55,7 +56,11 @@ class RouterService:
         self.port = 0
 
     async def start(self) -> None:
-        """Starts following the configured pods and serving HTTP on ``listen``."""
+        """Starts following the configured pods and serving HTTP on ``listen``.
+
+        Raises:
+            ConfigError: ``listen`` or ``bind_endpoint`` cannot be bound.
+        """
         self.ingest.start()
         self._runner = web.AppRunner(
             make_app(self.router, self.ingest), access_log=None
@@ -63,7 +68,13 @@ class RouterService:
         await self._runner.setup()
         host, _, port = self.config.router.listen.rpartition(":")
         site = web.TCPSite(self._runner, host, int(port))
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(
+                f"router.listen: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from exc
         self.port = self._runner.addresses[0][1]
         log.info("kvtier route listening on %s:%d", host, self.port)
 
