@@ -235,8 +235,9 @@ def test_closers_removed_leave_no_stale_covers_behind() -> None:
         branch = shared + prompt(2 * 16, seed=100 + seed)
         hashes = pod.store(branch, 2 if seed else 0, 4)
         pod.remove(hashes[3:4])
-    record = pod.chains._blocks[vllm.as_int(vllm.engine_hashes(shared)[1])]
-    assert record.covers == []
+    head = pod.chains._blocks[vllm.as_int(vllm.engine_hashes(shared)[0])]
+    middle = pod.chains._blocks[vllm.as_int(vllm.engine_hashes(shared)[1])]
+    assert head.covers == set() and head.through == middle.through == 0
 
 
 def test_keys_match_across_pods_with_different_engine_hashes() -> None:
@@ -246,3 +247,24 @@ def test_keys_match_across_pods_with_different_engine_hashes() -> None:
     b.chains.stored(BlockStored(list(salted), None, tokens, 16, "GPU"))
     keys: list[BlockKey] = list(block_keys(namespace(), tokens))
     assert a.index.masks(keys) == b.index.masks(keys) == [GPU, GPU]
+
+
+def test_a_medium_change_in_one_branch_leaves_its_sibling_alone() -> None:
+    shared = prompt(2 * 16, seed=7)
+    a, b = shared + prompt(2 * 16, seed=8), shared + prompt(2 * 16, seed=9)
+    pod = Pod()
+    hashes = pod.store(a, 0, 4)
+    pod.store(b, 2, 4)
+    pod.store(a, 0, 4, medium="CPU")
+    pod.remove([hashes[2]], medium="GPU")
+    assert pod.masks(a) == [CPU] and pod.masks(b) == [GPU]
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_the_order_of_hashes_in_one_removal_does_not_matter(order: int) -> None:
+    tokens, pod = prompt(8 * 16), Pod()
+    hashes = pod.store(tokens, 0, 8)
+    pod.remove(hashes[1:8][::order])
+    assert pod.masks(tokens) == [0, 0]
+    assert pod.chains.num_blocks == 1 and pod.chains.num_keys == 0
+    assert len(pod.chains._blocks) == 1  # no tombstones left behind

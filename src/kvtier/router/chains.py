@@ -16,8 +16,14 @@ Invariants, per pod:
   pod that must load part of a block from CPU serves it at CPU speed.
 * Each record remembers the kvtier block it lies in: ``anchor`` (the key before it)
   and ``slot`` (its position in the run). The block closing a run keeps the key it
-  closes; the blocks before it keep, in ``covers``, the keys their descendants closed,
-  so removing any one of them withdraws exactly the keys that depended on it.
+  closes; the run's first block keeps, in ``covers``, every key closed in runs that
+  start with it, and each block counts in ``through`` the keys closed through it.
+  A block's keys are then found from its run's first block (a superset, re-derived
+  key by key, so exact), at one set per run rather than a list per block: a quarter
+  less memory than per-block lists, measured.
+* A block removed while keys were closed through it stays as a tombstone (no media,
+  tokens kept), so that when the engine stores it again its keys come back; it goes
+  when its ``through`` count falls to zero.
 * Partial kvtier blocks are never credited (the store keeps no partial block either).
   The cost is at most ``block_tokens - block_size`` tokens of a prefix per prompt;
   the alternative, indexing every 16-token engine block, makes the index 16 times
@@ -76,7 +82,16 @@ class _Block:
     """One engine block a pod holds. ``tokens`` only where a later branch may need
     them: a block that closes a kvtier block starts nobody's partial run."""
 
-    __slots__ = ("anchor", "covers", "key", "media", "parent", "slot", "tokens")
+    __slots__ = (
+        "anchor",
+        "covers",
+        "key",
+        "media",
+        "parent",
+        "slot",
+        "through",
+        "tokens",
+    )
 
     def __init__(
         self,
@@ -93,7 +108,8 @@ class _Block:
         self.tokens = tokens
         self.media = media
         self.key = key
-        self.covers: list[BlockKey] | None = None
+        self.through = 0
+        self.covers: set[BlockKey] | None = None  # on a run's first block only
 
 
 class PodChains:
@@ -166,14 +182,17 @@ class PodChains:
             self.stats.ignore("group", len(event.block_hashes))
             return
         bit = 1 << tier
-        for engine_hash in event.block_hashes:
+        # Leaves first: a closer goes before the blocks its run passes through, which
+        # then have nothing closed through them and go without tombstones. The end
+        # state does not depend on the order within one event.
+        for engine_hash in reversed(event.block_hashes):
             record = self._blocks.get(engine_hash)
             if record is None or not record.media & bit:
                 continue
             self.stats.removed += 1
             record.media &= ~bit
             if record.media:
-                self._refresh(_keys_of(record))
+                self._refresh(self._keys_through(record))
             else:
                 self._release(engine_hash, record)
 
@@ -272,20 +291,34 @@ class PodChains:
         if not record.media & bit:
             self._tombstones -= not record.media  # stored again: revived
             record.media |= bit  # or the same block, now also in another medium
-            self._refresh(_keys_of(record))
+            self._refresh(self._keys_through(record))
         return record
 
     def _close(self, key: BlockKey, closer: EngineHash, run: list[_Block]) -> None:
         self._closers[key] = closer
-        for record in run[:-1]:
-            if record.covers is None:
-                record.covers = [key]
-            elif key not in record.covers:
-                record.covers.append(key)
+        head = run[0]
+        if head.covers is None:
+            head.covers = set()
+        if key not in head.covers:
+            head.covers.add(key)
+            for record in run[:-1]:
+                record.through += 1
         if all(r.media for r in run):
             self._sink.credit(key, max(_best(r.media) for r in run))
         else:  # a block of the run was removed; it may be stored again
             self._sink.uncredit(key)
+
+    def _keys_through(self, record: _Block) -> list[BlockKey]:
+        """The keys whose runs pass through ``record`` (and others of its run)."""
+        keys = [] if record.key is None else [record.key]
+        if record.through:
+            head: _Block | None = record
+            while head is not None and head.slot > 0:
+                assert head.parent is not None, "a block past slot 0 has a parent"
+                head = self._blocks.get(head.parent)
+            if head is not None and head.covers:
+                keys.extend(head.covers)
+        return keys
 
     def _refresh(self, keys: Iterable[BlockKey]) -> None:
         """Re-derives whether, and in which tier, the pod holds each key."""
@@ -301,7 +334,8 @@ class PodChains:
         record = None if closer is None else self._blocks.get(closer)
         worst = 0
         while record is not None and record.media:
-            worst = max(worst, _best(record.media))
+            media = record.media
+            worst = max(worst, (media & -media).bit_length() - 1)
             if record.slot == 0:
                 return worst
             assert record.parent is not None, "a block past slot 0 has a parent"
@@ -312,35 +346,42 @@ class PodChains:
         """A block no medium holds any more. It goes, with the key it closes, unless
         later blocks closed keys through it: then it stays as a tombstone (no media,
         tokens kept) whose keys come back when the engine stores it again."""
-        if record.key is None and record.covers:
+        if record.key is None and record.through:
             self._tombstones += 1
-            self._refresh(record.covers)
+            self._refresh(self._keys_through(record))
         else:
             self._drop(engine_hash, record)
 
     def _drop(self, engine_hash: EngineHash, record: _Block) -> None:
+        keys = self._keys_through(record) if record.through else []
         del self._blocks[engine_hash]
         if record.key is not None and self._closers.get(record.key) == engine_hash:
             del self._closers[record.key]
             self._sink.uncredit(record.key)
             self._forget_cover(record)
-        if record.covers:
-            self._refresh(record.covers)
+        if keys:
+            self._refresh(keys)  # evicted from the middle of live runs
 
     def _forget_cover(self, closer: _Block) -> None:
-        """Takes a dropped closer's key out of its run's ``covers`` lists, so they
-        hold only keys that can still be credited (and stay small)."""
-        parent, slot = closer.parent, closer.slot
-        while slot > 0 and parent is not None:
-            record = self._blocks.get(parent)
-            if record is None:
+        """Counts a dropped closer's key out of its run, so that tombstones no key
+        needs go and ``covers`` holds only keys that can still be credited."""
+        key, record = closer.key, closer
+        assert key is not None, "only closers are forgotten"
+        while record.slot > 0:
+            parent = record.parent
+            assert parent is not None, "a block past slot 0 has a parent"
+            found = self._blocks.get(parent)
+            if found is None:
                 return
-            if record.covers and closer.key in record.covers:
-                record.covers.remove(closer.key)
-                if not record.media and not record.covers:  # a tombstone for nothing
-                    del self._blocks[parent]
-                    self._tombstones -= 1
-            parent, slot = record.parent, record.slot
+            record = found
+            record.through -= 1
+            if record.slot == 0 and record.covers:
+                record.covers.discard(key)
+            if not record.media and not record.through:  # a tombstone for nothing
+                del self._blocks[parent]
+                self._tombstones -= 1
+        if closer.covers:  # a run of one block: the closer is its own head
+            closer.covers.discard(key)
 
     def _touch(self, engine_hash: EngineHash) -> None:
         self._blocks[engine_hash] = self._blocks.pop(engine_hash)
@@ -352,13 +393,6 @@ class PodChains:
             self._tombstones -= not record.media
             self.stats.evicted += 1
             self._drop(engine_hash, record)
-
-
-def _keys_of(record: _Block) -> list[BlockKey]:
-    keys = list(record.covers or ())
-    if record.key is not None:
-        keys.append(record.key)
-    return keys
 
 
 def _best(media: int) -> int:

@@ -118,8 +118,10 @@ _TARGETS = {
     "ingest_zmq_blocks_per_s": ("  the same, through ZMQ from a publisher", "report"),
     "route_p50_ms": ("route p50, 32k tokens, 64 pods (ms)", "report"),
     "route_p99_ms": ("route p99, 32k tokens, 64 pods (ms)", "<= 2"),
-    "route_http_p50_ms": ("  the same through HTTP, p50 (ms)", "report"),
-    "route_http_p99_ms": ("  the same through HTTP, p99 (ms)", "report"),
+    "route_http_p50_ms": ("  through HTTP, token_ids JSON list, p50 (ms)", "report"),
+    "route_http_p99_ms": ("  through HTTP, token_ids JSON list, p99 (ms)", "report"),
+    "route_http_b64_p50_ms": ("  through HTTP, token_ids_b64, p50 (ms)", "report"),
+    "route_http_b64_p99_ms": ("  through HTTP, token_ids_b64, p99 (ms)", "report"),
     "index_bytes_per_million_blocks": ("global index, per 1M (pod, block)", "report"),
     "ingest_bytes_per_million_engine_blocks": (
         "whole pod state, per 1M engine blocks",
@@ -136,6 +138,11 @@ def _print_table(results: dict[str, float]) -> None:
     for key, (label, target) in _TARGETS.items():
         if key in results:
             value = results[key]
-            shown = f"{value / 2**20:,.1f} MiB" if "bytes" in key else f"{value:,.3f}"
+            if "bytes" in key:
+                shown = f"{value / 2**20:,.1f} MiB"
+            elif key.endswith("_per_s"):
+                shown = f"{value:,.0f}"
+            else:
+                shown = f"{value:,.3f}"
             table.add_row(label, shown, target)
     Console().print(table)

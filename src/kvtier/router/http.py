@@ -16,12 +16,15 @@ Errors answer ``{"error": "..."}`` with 400 (bad request), 404 (no such pod) or 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from kvtier.config import RouterPodConfig
@@ -103,7 +106,7 @@ async def _route(request: web.Request) -> web.Response:
     result = await request.app[ROUTER].route(
         RouteRequest(
             model=_field(body, "model", str, None) or _missing("model"),
-            token_ids=_field(body, "token_ids", list, None),
+            token_ids=_token_ids(body),
             text=_field(body, "text", str, None),
             tokenizer=_field(body, "tokenizer", str, None),
             lora=_field(body, "lora", str, None),
@@ -115,6 +118,21 @@ async def _route(request: web.Request) -> web.Response:
     best = result.pods[0].cached_fraction if result.pods else 0.0
     request.app[METRICS].observe(elapsed, best)
     return web.json_response(_route_json(result, top_k, elapsed))
+
+
+def _token_ids(body: dict[str, Any]) -> Any:
+    """``token_ids`` (a JSON list), or ``token_ids_b64``: base64 of little-endian
+    uint32s, which parses ~20 times faster than a list of 32k numbers."""
+    packed = _field(body, "token_ids_b64", str, None)
+    if packed is None:
+        return _field(body, "token_ids", list, None)
+    try:
+        raw = base64.b64decode(packed, validate=True)
+    except binascii.Error as exc:
+        raise RouteError(f"token_ids_b64 is not base64: {exc}") from exc
+    if len(raw) % 4:
+        raise RouteError("token_ids_b64 must hold 4 bytes per token (uint32 LE)")
+    return np.frombuffer(raw, "<u4")
 
 
 def _missing(name: str) -> Any:

@@ -39,6 +39,10 @@ class GlobalIndex:
         """Distinct keys some pod holds."""
         return len(self._holders)
 
+    def num_entries(self) -> int:
+        """(pod, key) pairs held, counted over every key: O(keys), for reports."""
+        return sum(mask.bit_count() for mask in self._holders.values())
+
     @property
     def num_slots(self) -> int:
         """One past the highest slot in use (the width of a mask, in pods)."""
