@@ -143,3 +143,17 @@ def test_http_view_to_nobody_is_a_storage_error() -> None:
         await view.close()
 
     asyncio.run(check())
+
+
+def test_the_configured_store_url_picks_the_view(tmp_path: Path) -> None:
+    from kvtier.router.service import open_store_view
+
+    base = Config().replace(
+        {"store.data_dir": str(tmp_path), "memory.capacity_bytes": 1 << 20}
+    )
+    assert open_store_view(base) is None
+    http = open_store_view(base.replace({"router.store_url": "http://node:8780"}))
+    assert isinstance(http, HttpStoreView)
+    embedded = open_store_view(base.replace({"router.store_url": "embedded"}))
+    assert isinstance(embedded, EmbeddedStoreView)
+    asyncio.run(embedded.close())
