@@ -205,17 +205,19 @@ _TARGETS = {
 
 
 def _print_store_table(results: dict[str, float]) -> None:
-    table = Table(title="kvtier bench store (medians)")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("target", justify="right")
-    for key, (label, target) in _TARGETS.items():
-        if key in results:
-            table.add_row(label, f"{results[key]:.3f}", target)
-    for key, value in results.items():
-        if key.endswith("_bytes_per_s"):
-            table.add_row(key.removesuffix("_bytes_per_s"), f"{_human(value)}/s", "")
-    Console().print(table)
+    from kvtier.bench.report import print_figures
+
+    rows = [
+        (label, f"{results[key]:.3f}", target)
+        for key, (label, target) in _TARGETS.items()
+        if key in results
+    ]
+    rows += [
+        (key.removesuffix("_bytes_per_s"), f"{_human(value)}/s", "")
+        for key, value in results.items()
+        if key.endswith("_bytes_per_s")
+    ]
+    print_figures("kvtier bench store (medians)", rows)
 
 
 def _human(nbytes: float) -> str:

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from kvtier.config import Config
 from kvtier.errors import ConfigError
@@ -131,18 +130,19 @@ _TARGETS = {
 
 
 def _print_table(results: dict[str, float]) -> None:
-    table = Table(title="kvtier bench route (medians)")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("target", justify="right")
-    for key, (label, target) in _TARGETS.items():
-        if key in results:
-            value = results[key]
-            if "bytes" in key:
-                shown = f"{value / 2**20:,.1f} MiB"
-            elif key.endswith("_per_s"):
-                shown = f"{value:,.0f}"
-            else:
-                shown = f"{value:,.3f}"
-            table.add_row(label, shown, target)
-    Console().print(table)
+    from kvtier.bench.report import print_figures
+
+    rows = [
+        (label, _shown(key, results[key]), target)
+        for key, (label, target) in _TARGETS.items()
+        if key in results
+    ]
+    print_figures("kvtier bench route (medians)", rows)
+
+
+def _shown(key: str, value: float) -> str:
+    if "bytes" in key:
+        return f"{value / 2**20:,.1f} MiB"
+    if key.endswith("_per_s"):
+        return f"{value:,.0f}"
+    return f"{value:,.3f}"

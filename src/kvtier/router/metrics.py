@@ -9,7 +9,7 @@ lookup latency and hit ratio.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -70,6 +70,35 @@ class _StateCollector(Collector):
         yield from _pod_families(router)
 
 
+# Per-pod numbers: (name, help, kind, value of a pod).
+_PER_POD: tuple[tuple[str, str, str, Callable[[Pod], float]], ...] = (
+    (
+        "kvtier_router_pod_engine_blocks",
+        "Engine blocks indexed per pod.",
+        "gauge",
+        lambda p: p.chains.num_blocks,
+    ),
+    (
+        "kvtier_router_pod_blocks",
+        "kvtier blocks whose last engine block the pod holds.",
+        "gauge",
+        lambda p: p.chains.num_keys,
+    ),
+    (
+        "kvtier_router_pod_load",
+        "The load each pod last reported.",
+        "gauge",
+        lambda p: p.load,
+    ),
+    (
+        "kvtier_router_event_batches",
+        "Event batches applied per pod.",
+        "counter",
+        lambda p: p.counters.batches,
+    ),
+)
+
+
 def _pod_families(router: Router) -> Iterator[Metric]:
     pods = list(router.pods.values())
     yield _gauge(
@@ -78,30 +107,9 @@ def _pod_families(router: Router) -> Iterator[Metric]:
         [((state,), sum(p.state == state for p in pods)) for state in _STATES],
         ["state"],
     )
-    yield _gauge(
-        "kvtier_router_pod_engine_blocks",
-        "Engine blocks indexed per pod.",
-        [((p.pod_id,), p.chains.num_blocks) for p in pods],
-        ["pod"],
-    )
-    yield _gauge(
-        "kvtier_router_pod_blocks",
-        "kvtier blocks whose last engine block the pod holds.",
-        [((p.pod_id,), p.chains.num_keys) for p in pods],
-        ["pod"],
-    )
-    yield _gauge(
-        "kvtier_router_pod_load",
-        "The load each pod last reported.",
-        [((p.pod_id,), p.load) for p in pods],
-        ["pod"],
-    )
-    yield _counter(
-        "kvtier_router_event_batches",
-        "Event batches applied per pod.",
-        [((p.pod_id,), p.counters.batches) for p in pods],
-        ["pod"],
-    )
+    for name, text, kind, value in _PER_POD:
+        family = _gauge if kind == "gauge" else _counter
+        yield family(name, text, [((p.pod_id,), value(p)) for p in pods], ["pod"])
     yield from _tables(pods)
 
 
