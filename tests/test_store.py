@@ -389,3 +389,46 @@ def test_torch_tensors_go_in_and_out(tmp_path: Path) -> None:
         outs = [torch.empty(layout.block_shape, dtype=torch.bfloat16) for _ in keys]
         assert store.get_into(keys, outs, layout=layout) == 4
         assert all(torch.equal(a, b) for a, b in zip(outs, tensors, strict=True))
+
+
+def test_two_phase_write_fills_the_arena_then_publishes(store: TieredStore) -> None:
+    keys = prompt(3)
+    blocks = blocks_for(keys)
+    store.put(keys[:1], blocks[:1], layout=LAYOUT)
+    reservation = store.reserve(keys, [LAYOUT.block_bytes] * 3)
+    assert [s.status for s in reservation.slots] == ["stored", "reserved", "reserved"]
+    assert store.match(keys).num_blocks == 1  # unseen until committed
+    again = store.reserve(keys[1:2], [LAYOUT.block_bytes])  # a racing writer
+    assert again.slots[0].status == "stored"
+    for slot in reservation.reserved:
+        block = blocks[list(keys).index(slot.key)]
+        store.arena_view(slot.offset, slot.nbytes)[:] = block.reshape(-1).view(np.uint8)
+    assert store.commit(reservation)
+    got = store.get(keys, layout=LAYOUT)
+    assert all(np.array_equal(a, b) for a, b in zip(got, blocks, strict=True))
+
+
+def test_aborted_and_timed_out_reservations_give_their_slots_back(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    with make_store(tmp_path, clock, disk__enabled=False) as store:
+        keys = prompt(2)
+        first = store.reserve(keys[:1], [LAYOUT.block_bytes])
+        assert store._memory.used_bytes == LAYOUT.block_bytes
+        store.abort(first)
+        assert store._memory.used_bytes == 0
+        assert not store.commit(first)  # committing an aborted one stores nothing
+        dead = store.reserve(keys, [LAYOUT.block_bytes] * 2, timeout=10)
+        clock.now += 10
+        store.expire()  # the writer died: its slots come back
+        assert store._memory.used_bytes == 0
+        assert store.commit(dead).num_stored == 0
+        assert store.match(keys).num_blocks == 0
+
+
+def test_reservation_beyond_capacity_is_refused(tmp_path: Path) -> None:
+    with make_store(tmp_path, disk__enabled=False) as store:
+        reservation = store.reserve([BlockKey(b"r" * 16)], [1 << 30])
+        assert reservation.slots[0].status == "refused"
+        assert not store.commit(reservation)

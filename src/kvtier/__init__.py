@@ -20,15 +20,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvtier.aio import AsyncTieredStore
+from kvtier.client import AsyncClient, Client
 from kvtier.config import Config, load_config
 from kvtier.core.index import BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain, Namespace, block_keys, engine_keys
 from kvtier.errors import (
+    AuthenticationError,
     ConfigError,
+    ConnectionLostError,
     CorruptBlockError,
     KeyFormatError,
     KVTierError,
     LayoutError,
+    NodeError,
+    ProtocolError,
+    RemoteError,
+    RequestTimeoutError,
     StorageError,
     StoreClosedError,
 )
@@ -46,13 +53,17 @@ from kvtier.store import TieredStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "AsyncTieredStore",
+    "AuthenticationError",
     "BlockInfo",
     "BlockKey",
     "BlockLease",
     "BlockMeta",
+    "Client",
     "Config",
     "ConfigError",
+    "ConnectionLostError",
     "CorruptBlockError",
     "KVLayout",
     "KVTierError",
@@ -61,7 +72,11 @@ __all__ = [
     "LayoutError",
     "Match",
     "Namespace",
+    "NodeError",
+    "ProtocolError",
     "PutResult",
+    "RemoteError",
+    "RequestTimeoutError",
     "StorageError",
     "StoreClosedError",
     "StoreStats",

@@ -34,7 +34,16 @@ from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.memory import MemoryTier
 from kvtier.tiers.shared_fs import SharedFSTier
 
-__all__ = ["DISK", "LOCAL_TIERS", "MEMORY", "Lease", "Placement", "Write", "accounts"]
+__all__ = [
+    "DISK",
+    "LOCAL_TIERS",
+    "MEMORY",
+    "Lease",
+    "Pending",
+    "Placement",
+    "Write",
+    "accounts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,14 @@ class Lease:
     deadline: float
     location: tuple[int, int] | None
     hold: SlotHold | None
+
+
+@dataclass(slots=True)
+class Pending:
+    """Slots a writer is filling, until commit, abort or the deadline."""
+
+    blocks: list[tuple[BlockKey, BlockMeta, int]]  # key, meta, arena offset
+    deadline: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +113,14 @@ class Placement:
         self.has_lower = disk is not None or shared is not None
         self.dirty: dict[BlockKey, None] = {}  # in memory, not yet below; in order
         self.dirty_bytes = 0
-        self.reserving: set[BlockKey] = set()  # keys a put is copying in
+        self.reserving: dict[BlockKey, int] = {}  # key -> reservation filling it
+        self.pending: dict[int, Pending] = {}  # reservation id -> its slots
+        self._next_reservation = 1
         self._holds: dict[int, SlotHold] = {}  # memory offset -> its readers
 
     # ------------------------------------------------------------- memory slots
 
-    def reserve(self, meta: BlockMeta, now: float) -> int | None:
+    def reserve_slot(self, meta: BlockMeta, now: float) -> int | None:
         """A memory slot for a new block, evicting as needed; ``None`` if no room."""
         if not self.ledger.fits_ever(MEMORY, meta):
             return None
@@ -116,19 +135,47 @@ class Placement:
         self.ledger.hold(MEMORY, meta)
         return offset
 
-    def abort(self, key: BlockKey, meta: BlockMeta, offset: int) -> None:
-        self.memory.abort(offset)
-        self.ledger.unhold(MEMORY, meta)
-        self.reserving.discard(key)
+    def open_reservation(self, deadline: float) -> int:
+        reservation_id = self._next_reservation
+        self._next_reservation += 1
+        self.pending[reservation_id] = Pending([], deadline)
+        return reservation_id
 
-    def publish(self, key: BlockKey, meta: BlockMeta, offset: int, now: float) -> None:
-        """Makes a filled slot the block's memory copy; dirty unless it is on disk."""
-        self.reserving.discard(key)
-        self.memory.commit(key, offset, meta.nbytes)
-        entry = self.ledger.charge(MEMORY, key, meta, now, held=True)
-        if self.has_lower and not entry.in_tier(DISK):
-            self.dirty[key] = None
-            self.dirty_bytes += meta.nbytes
+    def add_to_reservation(
+        self, reservation_id: int, key: BlockKey, meta: BlockMeta, offset: int
+    ) -> None:
+        self.pending[reservation_id].blocks.append((key, meta, offset))
+        self.reserving[key] = reservation_id
+
+    def commit(self, reservation_id: int, now: float) -> list[BlockKey]:
+        """Publishes a reservation's filled slots; returns their keys (none if gone)."""
+        pending = self.pending.pop(reservation_id, None)
+        if pending is None:
+            return []  # aborted, or its deadline passed and the sweep took it
+        for key, meta, offset in pending.blocks:
+            del self.reserving[key]
+            self.memory.commit(key, offset, meta.nbytes)
+            entry = self.ledger.charge(MEMORY, key, meta, now, held=True)
+            if self.has_lower and not entry.in_tier(DISK):
+                self.dirty[key] = None
+                self.dirty_bytes += meta.nbytes
+        return [key for key, _, _ in pending.blocks]
+
+    def abort(self, reservation_id: int) -> int:
+        """Gives a reservation's slots back; returns how many."""
+        pending = self.pending.pop(reservation_id, None)
+        if pending is None:
+            return 0
+        for key, meta, offset in pending.blocks:
+            del self.reserving[key]
+            self.memory.abort(offset)
+            self.ledger.unhold(MEMORY, meta)
+        return len(pending.blocks)
+
+    def expire_reservations(self, now: float) -> int:
+        """Aborts reservations past their deadline (their writer died or hung)."""
+        stale = [rid for rid, p in self.pending.items() if p.deadline <= now]
+        return sum(self.abort(rid) for rid in stale)
 
     def undirty(self, key: BlockKey) -> None:
         if self.dirty.pop(key, 0) is None:

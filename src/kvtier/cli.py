@@ -1,11 +1,14 @@
 """The ``kvtier`` command.
 
+    kvtier serve                run a node (kvtier.server)
+    kvtier put/get/ls/rm/stats  talk to a node (--server ADDR)
     kvtier info                 configuration, tiers and their usage
     kvtier config               the resolved configuration (YAML), or --markdown docs
     kvtier check [--fix]        audit the disk tier's index against its segment files
     kvtier bench store          the embedded store against same-run baselines
     kvtier route                KV-aware router for inference pods (kvtier.router.cli)
     kvtier bench route          event ingestion, route latency, index memory
+    kvtier bench server         a node against raw sockets, memcpy, Redis and gRPC
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -19,7 +22,6 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import yaml
 from rich.console import Console
@@ -28,7 +30,7 @@ from rich.table import Table
 from kvtier import __version__
 from kvtier.config import Config, load_config, render_markdown
 from kvtier.errors import ConfigError, KVTierError
-from kvtier.router import cli as router_cli
+from kvtier.results import jsonable
 
 log = logging.getLogger("kvtier")
 
@@ -38,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not hasattr(args, "run"):
@@ -88,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--fix", action="store_true", help="drop what fails the audit")
     check.set_defaults(run=_cmd_check)
 
+    from kvtier.server.cli import register as register_server
+
+    register_server(sub, common, _load)
+
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     store = bench_sub.add_parser(
@@ -98,7 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--dir", help="scratch directory (default: the system temp dir)")
     store.add_argument("--repeats", type=int, help="runs per figure (median reported)")
     store.set_defaults(run=_cmd_bench_store)
-    router_cli.register(sub, bench_sub, common, _load)
+    from kvtier.bench.server import register as register_bench_server
+
+    register_bench_server(bench_sub)
+    from kvtier.router.cli import register as register_router
+
+    register_router(sub, bench_sub, common, _load)
     return parser
 
 
@@ -127,7 +138,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     with TieredStore(config) as store:
         stats = store.stats()
     if args.json:
-        print(json.dumps({"config": config.as_dict(), "stats": _jsonable(stats)}))
+        print(json.dumps({"config": config.as_dict(), "stats": jsonable(stats)}))
         return 0
     console = Console()
     console.print(f"kvtier {__version__}: data in [bold]{config.store.data_dir}[/]")
@@ -160,7 +171,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     with DiskTier(config.disk_path, capacity_bytes=config.disk.capacity_bytes) as tier:
         report = tier.check(fix=args.fix)
-    print(json.dumps(_jsonable(report), indent=2))
+    print(json.dumps(jsonable(report), indent=2))
     return 0 if args.fix or report.ok else 1
 
 
@@ -225,18 +236,6 @@ def _human(nbytes: float) -> str:
         return f"{nbytes:.0f} B"
     exponent = min(int(math.log(nbytes, 1024)), 5)
     return f"{nbytes / 1024**exponent:.1f} {'BKMGTP'[exponent]}iB".replace("BiB", "B")
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: _jsonable(v) for k, v in vars(obj).items() if not k.startswith("_")}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ __all__ = [
     "RouterConfig",
     "RouterModelConfig",
     "RouterPodConfig",
+    "ServerConfig",
     "SharedFSConfig",
     "StoreConfig",
     "load_config",
@@ -107,6 +108,11 @@ class StoreConfig:
         "runs out on its own).",
         5.0,
     )
+    reservation_timeout: float = _doc(
+        "Seconds a two-phase write may hold reserved slots before they are taken "
+        "back (a writer that died leaks nothing).",
+        30.0,
+    )
     write_queue_bytes: int = _doc(
         "Most bytes of blocks waiting for the write-behind writer before puts "
         "write to disk themselves.",
@@ -129,6 +135,7 @@ class StoreConfig:
         _check_non_negative("store.kv_expire_time", self.kv_expire_time)
         _check_positive("store.cleanup_interval", self.cleanup_interval)
         _check_positive("store.lease_seconds", self.lease_seconds)
+        _check_positive("store.reservation_timeout", self.reservation_timeout)
         _check_non_negative("store.write_queue_bytes", self.write_queue_bytes)
 
 
@@ -140,6 +147,11 @@ class MemoryConfig:
     policy: PolicyName = _doc("Eviction policy of the memory tier.", "leaf_lru")
     slab_bytes: int = _doc("Target slab size of the arena allocator.", 4 * MiB)
     huge_pages: bool = _doc("Ask for transparent huge pages for the arena.", True)
+    shared: bool = _doc(
+        "Back the arena with shared memory (a memfd) that same-host clients of "
+        "`kvtier serve` map; `kvtier serve` turns it on.",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _check_positive("memory.capacity_bytes", self.capacity_bytes)
@@ -329,6 +341,52 @@ def check_router_pod(key: str, pod: RouterPodConfig) -> None:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """`kvtier serve`: the node's listeners, authentication and limits."""
+
+    host: str = _doc("Address the TCP protocol, HTTP and gRPC listen on.", "127.0.0.1")
+    port: int = _doc("TCP port of kvtier's binary protocol.", 7480)
+    http_port: int = _doc(
+        "Port of the HTTP admin API (/metrics, /v1/...); 0 = off.", 7481
+    )
+    grpc_port: int = _doc("Port of the gRPC service; 0 = off.", 7482)
+    node_id: str = _doc(
+        "Name of this node in logs, metrics and the cluster ('' = hostname:port).", ""
+    )
+    auth_token: str = _doc(
+        "Shared secret every client must present ('' = no authentication). Prefer "
+        "the KVTIER_SERVER_AUTH_TOKEN environment variable to a file.",
+        "",
+    )
+    tls_cert: str = _doc("PEM certificate: serve TCP and gRPC over TLS.", "")
+    tls_key: str = _doc("PEM private key of tls_cert.", "")
+    shared_memory: bool = _doc(
+        "Offer same-host clients the memory arena over a Unix socket.", True
+    )
+    max_payload_bytes: int = _doc(
+        "Largest payload one frame may carry; a larger one closes the connection.",
+        4 * GiB,
+    )
+    max_connections: int = _doc("Most client connections served at once.", 1024)
+    drain_seconds: float = _doc(
+        "On SIGTERM, how long in-flight requests get to finish.", 10.0
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("port", "http_port", "grpc_port"):
+            value = getattr(self, key)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"server.{key} must be in [0, 65535], got {value}")
+        if self.port == 0:
+            raise ConfigError("server.port must be a port number, got 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("server.tls_cert and server.tls_key go together")
+        _check_positive("server.max_payload_bytes", self.max_payload_bytes)
+        _check_positive("server.max_connections", self.max_connections)
+        _check_non_negative("server.drain_seconds", self.drain_seconds)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of kvtier."""
 
@@ -337,6 +395,7 @@ class Config:
     disk: DiskConfig = field(default_factory=DiskConfig)
     shared_fs: SharedFSConfig = field(default_factory=SharedFSConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
     def disk_path(self) -> Path:
@@ -409,6 +468,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "disk": DiskConfig,
     "shared_fs": SharedFSConfig,
     "router": RouterConfig,
+    "server": ServerConfig,
 }
 
 

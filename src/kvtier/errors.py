@@ -14,8 +14,14 @@ callers that expect it::
     ├── RouteError         (ValueError)  a route request that cannot be answered
     ├── UnknownPodError    (LookupError) the router follows no pod of that id
     ├── StoreClosedError                 the store was used after close()
-    └── StorageError                     a tier could not do its I/O
-        └── CorruptBlockError            a stored block failed its checksum
+    ├── StorageError                     a tier could not do its I/O
+    │   └── CorruptBlockError            a stored block failed its checksum
+    └── NodeError                        talking to a kvtier node failed
+        ├── ConnectionLostError          cannot reach the node, or it hung up (retried)
+        ├── RequestTimeoutError          no answer in time (retried when safe)
+        ├── AuthenticationError          wrong or missing token
+        ├── ProtocolError                a malformed or oversized frame
+        └── RemoteError                  the node refused the request (``code``)
 
 A cache that cannot read or write degrades to a miss or ``False`` and the request goes
 on: running out of space is not an exception, and neither is a corrupted block on a read
@@ -27,12 +33,18 @@ where a caller asked for the I/O explicitly (opening a data directory,
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ConfigError",
+    "ConnectionLostError",
     "CorruptBlockError",
     "EventFormatError",
     "KVTierError",
     "KeyFormatError",
     "LayoutError",
+    "NodeError",
+    "ProtocolError",
+    "RemoteError",
+    "RequestTimeoutError",
     "RouteError",
     "StorageError",
     "StoreClosedError",
@@ -82,3 +94,36 @@ class StorageError(KVTierError):
 
 class CorruptBlockError(StorageError):
     """A block read back from outside memory failed its checksum or framing."""
+
+
+class NodeError(KVTierError):
+    """Talking to a kvtier node failed."""
+
+
+class ConnectionLostError(NodeError):
+    """The node cannot be reached, or the connection broke mid-request."""
+
+
+class RequestTimeoutError(NodeError):
+    """The node did not answer in time."""
+
+
+class AuthenticationError(NodeError):
+    """The node refused the token (or its absence)."""
+
+
+class ProtocolError(NodeError):
+    """A frame was malformed, of an unknown version, or larger than allowed."""
+
+
+class RemoteError(NodeError):
+    """The node answered a request with an error.
+
+    Attributes:
+        code: The node's error code (``bad_request``, ``unknown_op``, ``too_large``,
+            ``unauthorized``, ``unavailable``, ``internal``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code

@@ -32,9 +32,11 @@ __all__ = [
     "KVLayout",
     "as_block_array",
     "checksum",
+    "copy_block",
     "codec_by_id",
     "get_codec",
     "to_torch",
+    "writable_bytes",
 ]
 
 DTypeName = Literal[
@@ -186,6 +188,26 @@ def as_block_array(block: Any, dtype_name: str | None = None) -> np.ndarray[Any,
             "a block must be a numpy array, a torch tensor or a bytes-like object, "
             f"got {type(block).__name__}"
         ) from exc
+
+
+def copy_block(dst: np.ndarray[Any, Any], src: np.ndarray[Any, Any]) -> None:
+    """Copies a block into a flat ``uint8`` destination, straight from its strides."""
+    if src.flags.c_contiguous:
+        np.copyto(dst, src.reshape(-1).view(np.uint8))
+    else:
+        np.copyto(dst.view(src.dtype).reshape(src.shape), src)
+
+
+def writable_bytes(out: Any, layout: KVLayout | None = None) -> np.ndarray[Any, Any]:
+    """An output buffer as a flat writable ``uint8`` array sharing its memory.
+
+    Raises:
+        LayoutError: It does not match ``layout``, or is read-only or strided.
+    """
+    arr = layout.block_array(out) if layout is not None else as_block_array(out)
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise LayoutError("output buffers must be C-contiguous and writable")
+    return arr.reshape(-1).view(np.uint8)
 
 
 def to_torch(array: np.ndarray[Any, Any], dtype_name: DTypeName) -> Any:

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from kvtier.core.keys import BlockKey
 
-__all__ = ["BlockInfo", "BlockLease", "Match", "PutResult", "StoreStats", "TierStats"]
+__all__ = [
+    "jsonable",
+    "BlockInfo",
+    "BlockLease",
+    "Match",
+    "PutResult",
+    "Reservation",
+    "Slot",
+    "SlotStatus",
+    "StoreStats",
+    "TierStats",
+]
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,46 @@ class PutResult:
     @property
     def num_stored(self) -> int:
         return sum(self.stored)
+
+
+SlotStatus = Literal["reserved", "stored", "refused"]
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One block of a two-phase write.
+
+    Attributes:
+        key: The block.
+        status: ``reserved`` (write ``nbytes`` at ``offset`` of the memory arena, then
+            commit), ``stored`` (already stored or being written by another writer:
+            nothing to do) or ``refused`` (no room).
+        offset: Byte offset in the arena when reserved, else -1.
+        nbytes: Size of the block.
+    """
+
+    key: BlockKey
+    status: SlotStatus
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Slots reserved for a two-phase write, until ``commit`` or ``abort``.
+
+    A reservation neither committed nor aborted by ``deadline`` is aborted by the
+    store's sweep, so a writer that dies leaks nothing.
+    """
+
+    reservation_id: int
+    slots: tuple[Slot, ...]
+    deadline: float
+
+    @property
+    def reserved(self) -> tuple[Slot, ...]:
+        """The slots to fill."""
+        return tuple(slot for slot in self.slots if slot.status == "reserved")
 
 
 @dataclass(frozen=True)
@@ -55,19 +107,22 @@ class BlockInfo:
 class BlockLease:
     """Blocks leased for reading in place, straight out of the memory arena.
 
-    ``views[i]`` is a read-only ``uint8`` view of block ``keys[i]``, valid until the
-    lease is released or runs out (``store.lease_seconds``): after that its slot may
-    hold another block. Release it with :meth:`release` or a ``with`` block.
+    ``views[i]`` is a read-only ``uint8`` view of block ``keys[i]`` at ``offsets[i]``
+    of the arena, valid until the lease is released or runs out
+    (``store.lease_seconds``): after that its slot may hold another block. Release it
+    with :meth:`release` or a ``with`` block.
     """
 
     def __init__(
         self,
         keys: tuple[BlockKey, ...],
+        offsets: tuple[int, ...],
         views: list[np.ndarray[Any, Any]],
         deadline: float,
         release: Callable[[], None],
     ) -> None:
         self.keys = keys
+        self.offsets = offsets
         self.views = views
         self.deadline = deadline
         self._release: Callable[[], None] | None = release
@@ -132,7 +187,8 @@ class StoreStats:
         promotions: Blocks copied up into memory after a lower-tier hit.
         demotions: Blocks written to disk because memory evicted them.
         dirty_blocks: Blocks in memory not yet written to the lower tiers.
-        group_bytes: Per tier, bytes held per quota group that has a quota.
+        group_bytes: Per tier, bytes held per quota group (the namespaces' tenants).
+        group_blocks: Per tier, blocks held per quota group.
     """
 
     tiers: dict[str, TierStats]
@@ -146,9 +202,25 @@ class StoreStats:
     demotions: int = 0
     dirty_blocks: int = 0
     group_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    group_blocks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def hit_ratio(self) -> float:
         """Blocks found over blocks looked up (0.0 before any lookup)."""
         total = self.hit_blocks + self.miss_blocks
         return self.hit_blocks / total if total else 0.0
+
+
+def jsonable(obj: Any) -> Any:
+    """Results as JSON-able data: dataclasses to dicts, bytes to hex, inf to None."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: jsonable(v) for k, v in vars(obj).items() if not k.startswith("_")}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

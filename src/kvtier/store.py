@@ -30,18 +30,20 @@ from typing import Any
 
 import numpy as np
 
-from kvtier._placement import DISK, LOCAL_TIERS, Lease, Placement, accounts
+from kvtier._placement import DISK, LOCAL_TIERS, MEMORY, Lease, Placement, accounts
 from kvtier.config import Config
 from kvtier.core.index import BlockIndex, BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.core.ledger import Ledger
 from kvtier.errors import LayoutError, StoreClosedError
-from kvtier.layout import KVLayout, as_block_array
+from kvtier.layout import KVLayout, as_block_array, copy_block, writable_bytes
 from kvtier.results import (
     BlockInfo,
     BlockLease,
     Match,
     PutResult,
+    Reservation,
+    Slot,
     StoreStats,
     TierStats,
 )
@@ -165,31 +167,160 @@ class TieredStore:
             layout.block_array(b) if layout is not None else as_block_array(b)
             for b in blocks
         ]
-        metas = self._metas(keys, arrays, self._clock())
-        stored = self._store(list(keys), arrays, metas, promote=False)
-        policy = self.config.store.write_policy
-        if self._place.has_lower and policy == "write_through":
-            self._flush([k for k, ok in zip(keys, stored, strict=True) if ok])
-        elif policy == "write_behind" and (
-            self._place.dirty_bytes > self.config.store.write_queue_bytes
-        ):
-            self._flush(None)  # the writer is behind: this put helps (backpressure)
-        return PutResult(tuple(stored))
+        metas = self._metas(keys, [arr.nbytes for arr in arrays], self._clock())
+        return self._store(list(keys), arrays, metas, promote=False)
 
     def _metas(
-        self, keys: Sequence[BlockKey], arrays: Sequence[Array], now: float
+        self, keys: Sequence[BlockKey], sizes: Sequence[int], now: float
     ) -> list[BlockMeta]:
         ttl = self.config.store.kv_expire_time
         expire_at = now + ttl if ttl > 0 else math.inf
         group, parents = "default", [None] * len(keys)
         if isinstance(keys, KeyChain):
             parents = keys.parents()  # type: ignore[assignment]
-            if keys.namespace is not None:
-                group = keys.namespace.quota_group
+            group = keys.quota_group
         return [
-            BlockMeta(arr.nbytes, group, parent, expire_at)
-            for arr, parent in zip(arrays, parents, strict=True)
+            BlockMeta(nbytes, group, parent, expire_at)
+            for nbytes, parent in zip(sizes, parents, strict=True)
         ]
+
+    # Queries a server asks before a call, to run it on its event loop when it cannot
+    # touch a disk, and in a worker thread when it might.
+
+    def reserve_needs_io(self, nbytes: int) -> bool:
+        """Whether reserving ``nbytes`` more might write evicted blocks to disk."""
+        with self._lock:
+            _, tier_bytes = self._ledger.room_needed(MEMORY, BlockMeta(nbytes))
+            return bool(tier_bytes) and bool(self._place.dirty)
+
+    def commit_needs_io(self) -> bool:
+        """Whether a commit might write to disk (write-through, or backpressure)."""
+        policy = self.config.store.write_policy
+        if not self._place.has_lower:
+            return False
+        if policy == "write_through":
+            return True
+        return self._place.dirty_bytes > self.config.store.write_queue_bytes
+
+    def lease_needs_io(self, keys: Sequence[BlockKey]) -> bool:
+        """Whether leasing ``keys`` might read from disk (some leading block is not
+        in memory)."""
+        return any(tier != "memory" for tier in self.match(keys).tiers)
+
+    def reserve(
+        self,
+        keys: Sequence[BlockKey],
+        sizes: Sequence[int],
+        *,
+        timeout: float | None = None,
+    ) -> Reservation:
+        """Two-phase write, step one: slots in the memory arena to write blocks into.
+
+        For writers that copy straight into the arena (a same-host client mapping it,
+        a socket receiving into it): fill each ``reserved`` slot through
+        :meth:`arena_view`, then :meth:`commit`, or :meth:`abort`.
+
+        Args:
+            keys: One key per block (a :class:`~kvtier.KeyChain` gives parents and the
+                quota group).
+            sizes: The size of each block in bytes.
+            timeout: Seconds before an uncommitted reservation is aborted by the
+                sweep (default ``store.reservation_timeout``).
+        """
+        if len(keys) != len(sizes):
+            raise LayoutError(f"got {len(keys)} keys but {len(sizes)} sizes")
+        now = self._clock()
+        if timeout is None:
+            timeout = self.config.store.reservation_timeout
+        metas = self._metas(keys, sizes, now)
+        return self._reserve(list(keys), metas, now + timeout, promote=False)
+
+    def commit(self, reservation: Reservation) -> PutResult:
+        """Two-phase write, step two: publishes the filled slots.
+
+        Returns:
+            Which blocks of the reservation are stored (``False`` for refused slots,
+            and for all of them when the reservation was aborted or ran out).
+        """
+        return self._commit(reservation, promote=False)
+
+    def abort(self, reservation: Reservation) -> None:
+        """Gives back a reservation's slots without publishing them."""
+        with self._lock:
+            self._place.abort(reservation.reservation_id)
+
+    @property
+    def arena_fd(self) -> int | None:
+        """The memfd of a shared memory arena (``memory.shared``), else ``None``."""
+        return self._memory.fd
+
+    @property
+    def arena_bytes(self) -> int:
+        return self._memory.capacity_bytes
+
+    def arena_view(self, offset: int, nbytes: int) -> Array:
+        """A writable ``uint8`` view of the arena (to fill reserved slots)."""
+        return self._memory.view(offset, nbytes)
+
+    def _reserve(
+        self,
+        keys: list[BlockKey],
+        metas: Sequence[BlockMeta],
+        deadline: float,
+        *,
+        promote: bool,
+    ) -> Reservation:
+        """A put skips keys stored in any tier; a promotion (the bytes came from a
+        lower tier and stay there) skips keys already in memory."""
+        now = self._clock()
+        place = self._place
+        slots = []
+        with self._lock:
+            self._check_open()
+            reservation_id = place.open_reservation(deadline)
+            for key, meta in zip(keys, metas, strict=True):
+                if key in place.reserving or (
+                    key in self._memory if promote else self._ledger.touch(key, now)
+                ):
+                    slots.append(Slot(key, "stored", -1, meta.nbytes))
+                    continue
+                offset = place.reserve_slot(meta, now)
+                if offset is None:
+                    slots.append(Slot(key, "refused", -1, meta.nbytes))
+                    continue
+                place.add_to_reservation(reservation_id, key, meta, offset)
+                slots.append(Slot(key, "reserved", offset, meta.nbytes))
+            if not promote:
+                self._stats.refused_blocks += sum(s.status == "refused" for s in slots)
+        return Reservation(reservation_id, tuple(slots), deadline)
+
+    def _commit(self, reservation: Reservation, *, promote: bool) -> PutResult:
+        with self._lock:
+            committed = set(
+                self._place.commit(reservation.reservation_id, self._clock())
+            )
+            if promote:
+                self._stats.promotions += len(committed)
+            else:
+                self._stats.put_blocks += len(committed)
+            if self._place.dirty:
+                self._work.notify_all()
+        result = PutResult(
+            tuple(s.status == "stored" or s.key in committed for s in reservation.slots)
+        )
+        if not promote:
+            self._write_down([s.key for s in reservation.slots if s.key in committed])
+        return result
+
+    def _write_down(self, keys: list[BlockKey]) -> None:
+        """Applies the write policy to blocks just committed."""
+        policy = self.config.store.write_policy
+        if self._place.has_lower and policy == "write_through":
+            self._flush(keys)
+        elif policy == "write_behind" and (
+            self._place.dirty_bytes > self.config.store.write_queue_bytes
+        ):
+            self._flush(None)  # the writer is behind: this put helps (backpressure)
 
     def _store(
         self,
@@ -198,53 +329,17 @@ class TieredStore:
         metas: Sequence[BlockMeta],
         *,
         promote: bool,
-    ) -> list[bool]:
-        """Reserves slots under the lock, copies outside it, publishes under it.
-
-        A put skips keys stored in any tier; a promotion (the bytes came from a lower
-        tier and stay there) skips keys already in memory.
-        """
-        now = self._clock()
-        place = self._place
-        stored = [False] * len(keys)
-        reserved: list[tuple[int, int]] = []  # (position, offset)
-        with self._lock:
-            self._check_open()
-            for pos, key in enumerate(keys):
-                if key in place.reserving or (
-                    key in self._memory if promote else self._ledger.touch(key, now)
-                ):
-                    stored[pos] = True
-                    continue
-                offset = place.reserve(metas[pos], now)
-                if offset is not None:
-                    place.reserving.add(key)
-                    reserved.append((pos, offset))
-            if not promote:
-                self._stats.put_blocks += len(reserved)
-                self._stats.refused_blocks += stored.count(False) - len(reserved)
+    ) -> PutResult:
+        """Reserves slots, copies into them outside the lock, commits."""
+        reservation = self._reserve(keys, metas, _UNTIL_RELEASED, promote=promote)
         try:
-            for pos, offset in reserved:
-                self._copy_in(offset, arrays[pos])
+            for slot, arr in zip(reservation.slots, arrays, strict=True):
+                if slot.status == "reserved":
+                    copy_block(self._memory.view(slot.offset, arr.nbytes), arr)
         except BaseException:
-            with self._lock:
-                for pos, offset in reserved:
-                    place.abort(keys[pos], metas[pos], offset)
+            self.abort(reservation)
             raise
-        with self._lock:
-            for pos, offset in reserved:
-                place.publish(keys[pos], metas[pos], offset, now)
-                stored[pos] = True
-            if place.dirty:
-                self._work.notify_all()
-        return stored
-
-    def _copy_in(self, offset: int, arr: Array) -> None:
-        dst = self._memory.view(offset, arr.nbytes)
-        if arr.flags.c_contiguous:
-            np.copyto(dst, arr.reshape(-1).view(np.uint8))
-        else:  # a strided source is copied straight from its strides into the slot
-            np.copyto(dst.view(arr.dtype).reshape(arr.shape), arr)
+        return self._commit(reservation, promote=promote)
 
     # ------------------------------------------------------ writing below
 
@@ -318,7 +413,7 @@ class TieredStore:
         """
         if len(outs) < len(keys):
             raise LayoutError(f"got {len(keys)} keys but only {len(outs)} buffers")
-        targets = iter(enumerate(_out_bytes(out, layout) for out in outs))
+        targets = iter(enumerate(writable_bytes(out, layout) for out in outs))
 
         def next_target(nbytes: int) -> Array:
             position, target = next(targets)
@@ -362,9 +457,7 @@ class TieredStore:
             copied += self._read_shared(keys[copied:], target)
         if count:
             with self._lock:
-                self._stats.lookups += 1
-                self._stats.hit_blocks += copied
-                self._stats.miss_blocks += len(keys) - copied
+                self._count_lookup(len(keys), copied)
         return copied
 
     def _read_disk(self, key: BlockKey, out: Array) -> bool:
@@ -391,14 +484,12 @@ class TieredStore:
         with self._lock:
             found = [(k, a, self._index.entry(k)) for k, a in hits]
         found = [(k, a, e) for k, a, e in found if e is not None]
-        stored = self._store(
+        self._store(
             [k for k, _, _ in found],
             [a for _, a, _ in found],
             [e.meta for _, _, e in found if e is not None],
             promote=True,
         )
-        with self._lock:
-            self._stats.promotions += sum(stored)
 
     def _read_shared(self, keys: Sequence[BlockKey], target: Target) -> int:
         """Continues a prefix from the shared tier once the local tiers run out.
@@ -449,12 +540,20 @@ class TieredStore:
             view = self._memory.view(*lease.location).view()
             view.flags.writeable = False
             views.append(view)
+        with self._lock:
+            self._count_lookup(len(keys), len(leases))
         return BlockLease(
             tuple(lease.key for lease in leases),
+            tuple(lease.location[0] for lease in leases if lease.location),
             views,
             deadline,
             lambda: self._release_leases(leases),
         )
+
+    def _count_lookup(self, asked: int, found: int) -> None:
+        self._stats.lookups += 1
+        self._stats.hit_blocks += found
+        self._stats.miss_blocks += asked - found
 
     def _release_leases(self, leases: list[Lease]) -> None:
         with self._lock:
@@ -566,6 +665,7 @@ class TieredStore:
             ]
             self._stats.expired_blocks += len(expired)
             self._place.expire_holds(now)
+            self._place.expire_reservations(now)
         return len(expired)
 
     def _cleanup_loop(self) -> None:
@@ -587,6 +687,9 @@ class TieredStore:
             snapshot.dirty_blocks = len(self._place.dirty)
             snapshot.group_bytes = {
                 LOCAL_TIERS[t]: usage for t, usage in enumerate(self._ledger.usage())
+            }
+            snapshot.group_blocks = {
+                LOCAL_TIERS[t]: items for t, items in enumerate(self._ledger.items())
             }
         if self._disk is not None:
             tiers["disk"].num_corrupt = self._disk.stats().num_corrupt
@@ -635,10 +738,3 @@ class TieredStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the store is closed")
-
-
-def _out_bytes(out: Any, layout: KVLayout | None) -> Array:
-    arr = layout.block_array(out) if layout is not None else as_block_array(out)
-    if not arr.flags.c_contiguous or not arr.flags.writeable:
-        raise LayoutError("output buffers must be C-contiguous and writable")
-    return arr.reshape(-1).view(np.uint8)

@@ -29,13 +29,16 @@ def test_budget_validation() -> None:
         Budget(-1)
 
 
-def test_quota_table_tracks_only_groups_with_a_quota() -> None:
+def test_quota_table_limits_groups_with_a_quota_and_counts_every_group() -> None:
     quotas = QuotaTable({"acme": 100})
     quotas.add("acme", 60)
-    quotas.add("other", 10_000)
+    quotas.add("other", 10_000, count=3)
     budget = quotas.budget("acme")
     assert budget is not None and budget.bytes_to_free(40) == 100 - 80
     assert quotas.budget("other") is None
+    assert quotas.usage() == {"acme": 60, "other": 10_000}
+    assert quotas.items() == {"acme": 1, "other": 3}
+    quotas.sub("other", 10_000, count=3)
     assert quotas.usage() == {"acme": 60}
 
 

@@ -74,12 +74,17 @@ class Budget:
 
 @dataclass
 class QuotaTable:
-    """Per-group budgets for one tier; groups without a quota are unlimited."""
+    """Per-group usage of one tier, and budgets for the groups that have a quota.
+
+    Usage (bytes and blocks) is kept for every group, quota or not, so operators see
+    each tenant's share; only groups with a quota are ever limited.
+    """
 
     limits: Mapping[str, int] = field(default_factory=dict)
     high_watermark: float = 0.9
     low_watermark: float = 0.8
     _budgets: dict[str, Budget] = field(default_factory=dict, init=False)
+    _usage: dict[str, list[int]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         for group, limit in self.limits.items():
@@ -92,15 +97,25 @@ class QuotaTable:
         return self._budgets.get(group)
 
     def usage(self) -> dict[str, int]:
-        """Bytes held per group with a quota."""
-        return {group: b.used_bytes for group, b in self._budgets.items()}
+        """Bytes held per group."""
+        return {group: used[0] for group, used in self._usage.items() if used[1]}
 
-    def add(self, group: str, nbytes: int) -> None:
+    def items(self) -> dict[str, int]:
+        """Blocks held per group."""
+        return {group: used[1] for group, used in self._usage.items() if used[1]}
+
+    def add(self, group: str, nbytes: int, count: int = 1) -> None:
+        used = self._usage.setdefault(group, [0, 0])
+        used[0] += nbytes
+        used[1] += count
         budget = self._budgets.get(group)
         if budget is not None:
             budget.add(nbytes)
 
-    def sub(self, group: str, nbytes: int) -> None:
+    def sub(self, group: str, nbytes: int, count: int = 1) -> None:
+        used = self._usage[group]
+        used[0] -= nbytes
+        used[1] -= count
         budget = self._budgets.get(group)
         if budget is not None:
             budget.sub(nbytes)

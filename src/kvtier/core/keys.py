@@ -142,20 +142,34 @@ class KeyChain(Sequence[BlockKey]):
     """The block keys of one prompt, in order, with the namespace they were made in.
 
     Slicing keeps the chain: ``chain[4:]`` knows that its first block's parent is
-    ``chain[3]``, which the prefix-aware eviction policy needs.
+    ``chain[3]``, which the prefix-aware eviction policy needs. ``group`` names the
+    quota group when there is no namespace (keys that came over the wire);
+    ``chained=False`` marks keys of unrelated blocks, which have no parents.
     """
 
-    __slots__ = ("_keys", "namespace", "parent")
+    __slots__ = ("_keys", "chained", "group", "namespace", "parent")
 
     def __init__(
         self,
         keys: Sequence[BlockKey],
         namespace: Namespace | None,
         parent: BlockKey | None = None,
+        *,
+        group: str | None = None,
+        chained: bool = True,
     ) -> None:
         self._keys: tuple[BlockKey, ...] = tuple(keys)
         self.namespace = namespace
         self.parent = parent
+        self.group = group
+        self.chained = chained
+
+    @property
+    def quota_group(self) -> str:
+        """The quota group: ``group``, else the namespace's, else ``"default"``."""
+        if self.group is not None:
+            return self.group
+        return self.namespace.quota_group if self.namespace is not None else "default"
 
     @overload
     def __getitem__(self, index: int) -> BlockKey: ...
@@ -170,7 +184,13 @@ class KeyChain(Sequence[BlockKey]):
         if step != 1:
             raise KeyFormatError(f"a KeyChain slice needs step 1, got {step}")
         parent = self._keys[start - 1] if start > 0 else self.parent
-        return KeyChain(self._keys[start:stop], self.namespace, parent)
+        return KeyChain(
+            self._keys[start:stop],
+            self.namespace,
+            parent if self.chained else None,
+            group=self.group,
+            chained=self.chained,
+        )
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -189,6 +209,8 @@ class KeyChain(Sequence[BlockKey]):
 
     def parents(self) -> list[BlockKey | None]:
         """The parent of each key: ``parent`` for the first, the previous key after."""
+        if not self.chained:
+            return [None] * len(self._keys)
         return [self.parent, *self._keys[:-1]]
 
     def __repr__(self) -> str:

@@ -118,17 +118,18 @@ class Ledger:
         keeps reopening a tier of 100,000 blocks well under a second of ledger work.
         """
         policy = self.accounts[tier_id].policy
-        group_bytes: dict[str, int] = {}
+        group_totals: dict[str, tuple[int, int]] = {}
         count = 0
         for key, meta in blocks:
             self.index.add(key, meta, tier_id)
             policy.insert(key, meta.nbytes, meta.parent, now)
-            group_bytes[meta.group] = group_bytes.get(meta.group, 0) + meta.nbytes
+            nbytes, blocks_in_group = group_totals.get(meta.group, (0, 0))
+            group_totals[meta.group] = (nbytes + meta.nbytes, blocks_in_group + 1)
             count += 1
         account = self.accounts[tier_id]
-        for group, nbytes in group_bytes.items():
+        for group, (nbytes, num_blocks) in group_totals.items():
             account.budget.add(nbytes)
-            account.quotas.add(group, nbytes)
+            account.quotas.add(group, nbytes, num_blocks)
         return count
 
     def discharge(self, tier_id: int, key: BlockKey) -> bool:
@@ -171,5 +172,9 @@ class Ledger:
         return self.accounts[tier_id].policy.evict_bytes(nbytes, now, can_evict)
 
     def usage(self) -> list[dict[str, int]]:
-        """Per tier, bytes held per quota group."""
+        """Per tier, bytes held per group."""
         return [account.quotas.usage() for account in self.accounts]
+
+    def items(self) -> list[dict[str, int]]:
+        """Per tier, blocks held per group."""
+        return [account.quotas.items() for account in self.accounts]

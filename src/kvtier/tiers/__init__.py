@@ -25,6 +25,7 @@ def open_tiers(
     memory = MemoryTier(
         config.memory.capacity_bytes,
         slab_bytes=config.memory.slab_bytes,
+        shared=config.memory.shared,
         huge_pages=config.memory.huge_pages,
     )
     disk = None

@@ -1,11 +1,15 @@
 """The memory tier: one preallocated arena, size-class slots, no per-block objects.
 
-The arena is one ``mmap`` (anonymous, or a named file under ``/dev/shm`` when a server
-shares it with same-host clients) viewed as a numpy ``uint8`` array. A block is an
-offset and a length into it; reading or writing one is a single ``numpy.copyto`` on a
-view, so the hot path allocates no ``bytes`` and copies each payload exactly once.
-Transparent huge pages are requested for the arena: a 2 MiB block then costs one page
-fault, not 512.
+The arena is one ``mmap`` viewed as a numpy ``uint8`` array: anonymous memory, or, when
+a server shares it with same-host clients, a ``memfd``: an anonymous in-memory file the
+node passes to clients over a Unix socket. A memfd has no name in ``/dev/shm``, so a
+node that is SIGKILLed leaks nothing: the memory goes when the last process unmaps it.
+
+A block is an offset and a length into the arena; reading or writing one is a single
+``numpy.copyto`` on a view, so the hot path allocates no ``bytes`` and copies each
+payload exactly once. Transparent huge pages are requested for the arena: a 2 MiB block
+then costs one page fault, not 512 (for a memfd only where the kernel's
+``shmem_enabled`` allows it).
 
 Writes are two-phase so the copy can run outside the store's lock and, later, in another
 process: :meth:`reserve` takes a slot that no reader can see, the caller fills it, and
@@ -17,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +38,11 @@ class MemoryTier:
     Args:
         capacity_bytes: Size of the arena.
         slab_bytes: Target slab size of the allocator.
-        shm_path: A file (normally under ``/dev/shm``) to back the arena so other
-            processes can map it; ``None`` for anonymous memory.
+        shared: Back the arena with a memfd (:attr:`fd`) other processes can map.
         huge_pages: Ask the kernel for transparent huge pages.
+
+    Raises:
+        StorageError: The shared arena cannot be created.
     """
 
     name = "memory"
@@ -47,12 +52,14 @@ class MemoryTier:
         capacity_bytes: int,
         *,
         slab_bytes: int = 4 << 20,
-        shm_path: str | os.PathLike[str] | None = None,
+        shared: bool = False,
         huge_pages: bool = True,
     ) -> None:
         self.capacity_bytes = capacity_bytes
-        self.shm_path = Path(shm_path) if shm_path is not None else None
-        self._mmap = self._map(capacity_bytes, self.shm_path)
+        self.fd: int | None = _memfd(capacity_bytes) if shared else None
+        # Nothing touches the arena page by page here: mapping 16 GiB is instant and
+        # pages are faulted in by the first writes into them.
+        self._mmap = mmap.mmap(-1 if self.fd is None else self.fd, capacity_bytes)
         if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
             with contextlib.suppress(OSError):  # THP off on this kernel: only slower
                 self._mmap.madvise(mmap.MADV_HUGEPAGE)
@@ -62,22 +69,6 @@ class MemoryTier:
         self._alloc = SlabAllocator(capacity_bytes, slab_bytes)
         self._slots: dict[BlockKey, tuple[int, int]] = {}  # key -> (offset, nbytes)
         self._closed = False
-
-    @staticmethod
-    def _map(capacity_bytes: int, shm_path: Path | None) -> mmap.mmap:
-        if shm_path is None:
-            return mmap.mmap(-1, capacity_bytes)
-        try:
-            fd = os.open(shm_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, capacity_bytes)
-                return mmap.mmap(fd, capacity_bytes)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot create the shared-memory arena {shm_path}: {exc}"
-            ) from exc
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -140,9 +131,25 @@ class MemoryTier:
         del self.arena  # the mmap refuses to close while numpy views export it
         with contextlib.suppress(BufferError):  # a view outlives us: freed at exit
             self._mmap.close()
-        if self.shm_path is not None:
-            self.shm_path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the memory tier is closed")
+
+
+def _memfd(capacity_bytes: int) -> int:
+    try:
+        fd = os.memfd_create("kvtier-arena", os.MFD_CLOEXEC)
+    except (AttributeError, OSError) as exc:
+        raise StorageError(f"cannot create a shared memory arena: {exc}") from exc
+    try:
+        os.ftruncate(fd, capacity_bytes)
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(
+            f"cannot size the shared memory arena to {capacity_bytes} bytes: {exc}"
+        ) from exc
+    return fd

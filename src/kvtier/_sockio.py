@@ -1,0 +1,162 @@
+"""asyncio socket I/O without intermediate buffers, shared by the node and the client.
+
+asyncio's streams copy every byte through a ``StreamReader`` buffer and its transports
+join or buffer what a send leaves over; for multi-megabyte KV blocks those copies cost
+as much as the transfer. These helpers drive a non-blocking socket with the loop's
+``sock_recv_into`` / ``sock_sendall``, so payloads go straight between the kernel and
+the memory arena or the caller's buffer. TLS sockets (``ssl.SSLSocket``) do not work
+with those calls; :class:`Channel` wraps either kind behind the same three methods.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from kvtier.errors import ConnectionLostError
+
+__all__ = ["Channel", "host_id", "recv_fd", "send_fd"]
+
+
+class Channel:
+    """One connected socket: exact receives into buffers, sends from buffers.
+
+    Plain sockets use the loop's zero-copy socket calls; a TLS connection goes
+    through an asyncio stream (TLS must copy to encrypt anyway).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket | None = None,
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+    ) -> None:
+        assert (sock is None) != (streams is None), "a socket or TLS streams"
+        self.sock = sock
+        self._streams = streams
+        if sock is not None:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def recv_into(self, buffer: Any) -> None:
+        """Fills ``buffer`` exactly.
+
+        Raises:
+            ConnectionLostError: The peer closed or reset the connection first.
+        """
+        view = memoryview(buffer).cast("B")
+        if self._streams is not None:
+            await self._recv_stream(view)
+            return
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        while view:
+            try:
+                count = await loop.sock_recv_into(self.sock, view)
+            except OSError as exc:
+                raise ConnectionLostError(f"connection lost: {exc}") from exc
+            if count == 0:
+                raise ConnectionLostError("the peer closed the connection")
+            view = view[count:]
+
+    async def _recv_stream(self, view: memoryview) -> None:
+        assert self._streams is not None
+        try:
+            data = await self._streams[0].readexactly(len(view))
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            raise ConnectionLostError(f"connection lost: {exc}") from exc
+        view[:] = data
+
+    async def discard(self, nbytes: int) -> None:
+        """Reads and drops ``nbytes`` (a payload nobody wants)."""
+        scratch = bytearray(min(nbytes, 1 << 20))
+        while nbytes:
+            chunk = memoryview(scratch)[: min(nbytes, len(scratch))]
+            await self.recv_into(chunk)
+            nbytes -= len(chunk)
+
+    async def send(self, buffers: Sequence[Any]) -> None:
+        """Sends every buffer, in order, without joining them.
+
+        Raises:
+            ConnectionLostError: The peer went away.
+        """
+        if self._streams is not None:
+            writer = self._streams[1]
+            try:
+                writer.writelines(buffers)
+                await writer.drain()
+            except OSError as exc:
+                raise ConnectionLostError(f"connection lost: {exc}") from exc
+            return
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        try:
+            for buffer in buffers:
+                await loop.sock_sendall(self.sock, buffer)
+        except OSError as exc:
+            raise ConnectionLostError(f"connection lost: {exc}") from exc
+
+    def close(self) -> None:
+        """Closes at once (a TLS connection without its goodbye: we are leaving)."""
+        if self._streams is not None:
+            self._streams[1].transport.abort()
+        elif self.sock is not None:
+            self.sock.close()
+
+
+async def _wait(sock: socket.socket, readable: bool) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    fd = sock.fileno()
+    if readable:
+        loop.add_reader(fd, ready.set_result, None)
+    else:
+        loop.add_writer(fd, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        if readable:
+            loop.remove_reader(fd)
+        else:
+            loop.remove_writer(fd)
+
+
+async def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    """Sends ``data`` with a file descriptor attached (SCM_RIGHTS, Unix sockets)."""
+    fds = array.array("i", [fd])
+    while True:
+        try:
+            sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            break
+        except BlockingIOError:
+            await _wait(sock, readable=False)
+    if sent < len(data):
+        await asyncio.get_running_loop().sock_sendall(sock, data[sent:])
+
+
+async def recv_fd(sock: socket.socket, nbytes: int) -> tuple[bytes, int | None]:
+    """Receives up to ``nbytes`` and the file descriptor sent with them, if any."""
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, nbytes, 1)
+            break
+        except BlockingIOError:
+            await _wait(sock, readable=True)
+    if not data:
+        raise ConnectionLostError("the node closed the connection")
+    return data, (fds[0] if fds else None)
+
+
+def host_id() -> str:
+    """This machine's identity for one boot: a node and a client with the same one
+    run on the same kernel, so the client may map the node's memory."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"

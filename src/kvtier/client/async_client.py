@@ -1,0 +1,493 @@
+"""``kvtier.AsyncClient``: the node's store, over the network or shared memory.
+
+On connect the client says HELLO over TCP; when the node runs on the same machine
+(same host and boot id) and its Unix socket is reachable (same network namespace), the
+client switches to that socket and maps the node's memory arena: puts reserve slots
+and copy blocks straight into them, gets lease blocks and copy straight out, and the
+node never touches a payload byte. Elsewhere, payloads travel over TCP, sent from and
+received into the caller's buffers.
+
+Failures map to kvtier's exception tree. Requests that are safe to repeat (everything
+but the two-phase calls) are retried on a broken connection or a timeout, with
+exponential backoff, on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from kvtier._sockio import host_id
+from kvtier.client.connection import Connection
+from kvtier.core.keys import BlockKey, KeyChain
+from kvtier.errors import ConnectionLostError, LayoutError, RequestTimeoutError
+from kvtier.layout import KVLayout, as_block_array, copy_block, writable_bytes
+from kvtier.protocol import Op
+from kvtier.results import BlockInfo, Match, PutResult
+
+__all__ = ["AsyncClient", "RemoteLease", "RemoteReservation"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Array = np.ndarray[Any, Any]
+_STATUSES = ("reserved", "stored", "refused")
+
+
+class RemoteReservation:
+    """Reserved slots of a two-phase write; fill ``views[i]`` for ``keys[i]``.
+
+    Commit or abort it through the client that reserved it (on the same connection:
+    the node ties reservations to the connection that made them).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        reservation_id: int,
+        keys: list[BlockKey],
+        statuses: list[str],
+        views: list[Array | None],
+        deadline: float,
+    ) -> None:
+        self.conn = conn
+        self.reservation_id = reservation_id
+        self.keys = keys
+        self.statuses = statuses
+        self.views = views
+        self.deadline = deadline
+
+
+class RemoteLease:
+    """Leased blocks to read in place: ``views[i]`` holds block ``keys[i]``."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        lease_id: int,
+        keys: list[BlockKey],
+        views: list[Array],
+        deadline: float,
+    ) -> None:
+        self.conn = conn
+        self.lease_id = lease_id
+        self.keys = keys
+        self.views = views
+        self.deadline = deadline
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.views)
+
+
+class AsyncClient:
+    """A client of one kvtier node. ``async with AsyncClient("host:7480") as c: ...``
+
+    Args:
+        address: ``host:port`` of the node's TCP protocol.
+        token: The node's shared token, if it has one.
+        tls: An ``ssl.SSLContext`` (or ``True`` for the default one) for TLS.
+        shared_memory: Use the same-host path: ``None`` picks it when possible,
+            ``False`` never does, ``True`` requires it.
+        pool_size: Connections to keep (requests are pipelined over them).
+        timeout: Seconds to wait for each reply.
+        retries: Extra attempts of a request that is safe to repeat.
+        backoff: First wait before a retry, doubled each time.
+        pin_memory: Page-lock the mapped arena with CUDA (``cudaHostRegister``) so
+            copies between it and a GPU run asynchronously: ``None`` does it when
+            torch sees a CUDA device.
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:7480",
+        *,
+        token: str | None = None,
+        tls: ssl.SSLContext | bool | None = None,
+        shared_memory: bool | None = None,
+        pool_size: int = 4,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        pin_memory: bool | None = None,
+    ) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"address must be host:port, got {address!r}")
+        self._tcp = (host.strip("[]"), int(port))
+        self._token = token
+        self._tls = ssl.create_default_context() if tls is True else (tls or None)
+        self._want_shm = shared_memory
+        self._pool_size = max(1, pool_size)
+        self._timeout = timeout
+        self._retries = retries
+        self._backoff = backoff
+        self._pin = pin_memory
+        self._pinned_ptr: int | None = None
+        self._pool: list[Connection | None] = []
+        self._opening = asyncio.Lock()
+        self._turn = itertools.count()
+        self._target: str | tuple[str, int] = self._tcp
+        self._arena: Array | None = None
+        self._arena_map: mmap.mmap | None = None
+        self.node_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def connect(self) -> AsyncClient:
+        """Says HELLO and picks the path (shared memory or TCP)."""
+        first = await Connection.open(
+            self._tcp, token=self._token, tls=self._tls, timeout=self._timeout
+        )
+        self.node_info = first.hello
+        if self._want_shm is not False and self._is_local(first.hello):
+            local = await self._open_local(first.hello["unix"])
+            if local is not None:
+                await first.close()
+                first = local
+        if self._want_shm and self._arena is None:
+            await first.close()
+            raise ConnectionLostError("the node's shared memory is not reachable")
+        self._pool = [first] + [None] * (self._pool_size - 1)
+        return self
+
+    @staticmethod
+    def _is_local(hello: dict[str, Any]) -> bool:
+        return bool(hello.get("unix")) and hello.get("host_id") == host_id()
+
+    async def _open_local(self, unix_name: str) -> Connection | None:
+        try:
+            conn = await Connection.open(
+                unix_name,
+                token=self._token,
+                tls=None,
+                timeout=self._timeout,
+                want_arena=True,
+            )
+        except (ConnectionLostError, OSError) as exc:
+            log.info("same-host path unavailable (%s): using TCP", exc)
+            return None
+        assert conn.arena_fd is not None
+        size = int(conn.hello["arena_bytes"])
+        self._arena_map = mmap.mmap(conn.arena_fd, size)
+        os.close(conn.arena_fd)  # the mapping keeps the memory
+        self._arena = np.frombuffer(self._arena_map, dtype=np.uint8)
+        self._target = unix_name
+        self._pinned_ptr = _pin_for_cuda(self._arena, self._pin)
+        return conn
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether this client uses the same-host shared-memory path."""
+        return self._arena is not None
+
+    async def close(self) -> None:
+        for conn in self._pool:
+            if conn is not None:
+                await conn.close()
+        self._pool = []
+        if self._pinned_ptr is not None:
+            _unpin(self._pinned_ptr)
+            self._pinned_ptr = None
+        self._arena = None
+        if self._arena_map is not None:
+            with contextlib.suppress(BufferError):  # a view lives on; freed with it
+                self._arena_map.close()
+            self._arena_map = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------- plumbing
+
+    async def _conn(self) -> Connection:
+        if not self._pool:
+            await self.connect()
+        slot = next(self._turn) % len(self._pool)
+        conn = self._pool[slot]
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._opening:  # one opener per slot, not one per caller
+            conn = self._pool[slot]
+            if conn is None or conn.closed:
+                conn = await Connection.open(
+                    self._target,
+                    token=self._token,
+                    tls=self._tls if isinstance(self._target, tuple) else None,
+                    timeout=self._timeout,
+                )
+                self._pool[slot] = conn
+        return conn
+
+    async def _call(
+        self, op: Op, body: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Any]:
+        conn = await self._conn()
+        return await conn.call(op, body, timeout=self._timeout, **kwargs)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        delay = self._backoff
+        for remaining in range(self._retries, -1, -1):
+            try:
+                return await attempt()
+            except (ConnectionLostError, RequestTimeoutError) as exc:
+                if remaining == 0:
+                    raise
+                log.debug("retrying after %s", exc)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------- store API
+
+    async def put(
+        self,
+        keys: Sequence[BlockKey],
+        blocks: Sequence[Any],
+        *,
+        layout: KVLayout | None = None,
+    ) -> PutResult:
+        """Stores blocks (see ``TieredStore.put``)."""
+        if len(keys) != len(blocks):
+            raise LayoutError(f"got {len(keys)} keys but {len(blocks)} blocks")
+        arrays = [
+            layout.block_array(b) if layout is not None else as_block_array(b)
+            for b in blocks
+        ]
+        if self.shared_memory:
+            return await self._put_local(keys, arrays)
+        payload = [
+            np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in arrays
+        ]
+        body = {**_chain_body(keys), "sizes": [p.nbytes for p in payload]}
+        reply = await self._retrying(lambda: self._call(Op.PUT, body, payload=payload))
+        return PutResult(tuple(bool(s) for s in reply["stored"]))
+
+    async def _put_local(
+        self, keys: Sequence[BlockKey], arrays: list[Array]
+    ) -> PutResult:
+        reservation = await self.reserve(keys, [a.nbytes for a in arrays])
+        try:
+            for view, arr in zip(reservation.views, arrays, strict=True):
+                if view is not None:
+                    copy_block(view, arr)
+        except BaseException:
+            await self.abort(reservation)
+            raise
+        return await self.commit(reservation)
+
+    async def get(
+        self, keys: Sequence[BlockKey], *, layout: KVLayout | None = None
+    ) -> list[Array]:
+        """The leading stored blocks of ``keys`` (see ``TieredStore.get``)."""
+        outs: list[Array] = []
+
+        def sink(body: dict[str, Any]) -> list[Any]:
+            outs[:] = [np.empty(size, dtype=np.uint8) for size in body["sizes"]]
+            return outs
+
+        if self.shared_memory:
+            lease = await self.lease(keys)
+            try:
+                outs = [np.array(view) for view in lease.views]  # copies out
+            finally:
+                await self._release_later(lease)
+        else:
+            await self._retrying(
+                lambda: self._call(
+                    Op.GET, {"keys": [bytes(k) for k in keys]}, sink=sink
+                )
+            )
+        return [layout.view(a) for a in outs] if layout is not None else outs
+
+    async def get_into(
+        self,
+        keys: Sequence[BlockKey],
+        outs: Sequence[Any],
+        *,
+        layout: KVLayout | None = None,
+    ) -> int:
+        """Copies the leading stored blocks into ``outs``; returns how many."""
+        if len(outs) < len(keys):
+            raise LayoutError(f"got {len(keys)} keys but only {len(outs)} buffers")
+        targets = [writable_bytes(out, layout) for out in outs[: len(keys)]]
+        if self.shared_memory:
+            lease = await self.lease(keys)
+            try:
+                for view, target in zip(lease.views, targets, strict=False):
+                    _check_size(target, view.nbytes)
+                    np.copyto(target, view)
+            finally:
+                await self._release_later(lease)
+            return lease.num_blocks
+
+        def sink(body: dict[str, Any]) -> list[Any]:
+            sizes = body["sizes"]
+            for target, size in zip(targets, sizes, strict=False):
+                _check_size(target, size)
+            return targets[: len(sizes)]
+
+        reply = await self._retrying(
+            lambda: self._call(Op.GET, {"keys": [bytes(k) for k in keys]}, sink=sink)
+        )
+        return len(reply["sizes"])
+
+    async def match(
+        self, keys: Sequence[BlockKey], *, window: int | None = None
+    ) -> Match:
+        body = {"keys": [bytes(k) for k in keys], "window": window}
+        reply = await self._retrying(lambda: self._call(Op.MATCH, body))
+        return Match(int(reply["num_blocks"]), tuple(reply["tiers"]))
+
+    async def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """For each key, whether the node stores it (the 'exists' of other APIs)."""
+        body = {"keys": [bytes(k) for k in keys]}
+        reply = await self._retrying(lambda: self._call(Op.CONTAINS, body))
+        return [bool(p) for p in reply["present"]]
+
+    async def delete(self, keys: Sequence[BlockKey]) -> int:
+        body = {"keys": [bytes(k) for k in keys]}
+        reply = await self._retrying(lambda: self._call(Op.DELETE, body))
+        return int(reply["removed"])
+
+    async def list(
+        self, group: str | None = None, limit: int | None = None
+    ) -> list[BlockInfo]:
+        body = {"group": group, "limit": limit}
+        reply = await self._retrying(lambda: self._call(Op.LIST, body))
+        return [
+            BlockInfo(BlockKey(k), n, g, tuple(t), e if e is not None else float("inf"))
+            for k, n, g, t, e in reply["blocks"]
+        ]
+
+    async def prefetch(self, keys: Sequence[BlockKey]) -> int:
+        body = {"keys": [bytes(k) for k in keys]}
+        reply = await self._retrying(lambda: self._call(Op.PREFETCH, body))
+        return int(reply["in_memory"])
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._retrying(lambda: self._call(Op.STATS, {}))
+
+    async def ping(self) -> None:
+        await self._retrying(lambda: self._call(Op.PING, {}))
+
+    # ------------------------------------------------------------- two-phase
+
+    async def reserve(
+        self,
+        keys: Sequence[BlockKey],
+        sizes: Sequence[int],
+        *,
+        timeout: float | None = None,
+    ) -> RemoteReservation:
+        """Slots in the node's arena to copy blocks into (same-host path only)."""
+        arena = self._need_arena()
+        body = {**_chain_body(keys), "sizes": list(sizes), "timeout": timeout}
+        conn = await self._conn()
+        reply = await conn.call(Op.RESERVE, body, timeout=self._timeout)
+        statuses, views = [], []
+        for (code, offset), size in zip(reply["slots"], sizes, strict=True):
+            statuses.append(_STATUSES[code])
+            views.append(arena[offset : offset + size] if code == 0 else None)
+        return RemoteReservation(
+            conn, reply["id"], list(keys), statuses, views, reply["deadline"]
+        )
+
+    async def commit(self, reservation: RemoteReservation) -> PutResult:
+        reply = await reservation.conn.call(
+            Op.COMMIT, {"id": reservation.reservation_id}, timeout=self._timeout
+        )
+        return PutResult(tuple(bool(s) for s in reply["stored"]))
+
+    async def abort(self, reservation: RemoteReservation) -> None:
+        await reservation.conn.call(
+            Op.ABORT, {"id": reservation.reservation_id}, timeout=self._timeout
+        )
+
+    async def lease(self, keys: Sequence[BlockKey]) -> RemoteLease:
+        """Leases the leading stored blocks to read in place (same-host path only)."""
+        arena = self._need_arena()
+        conn = await self._conn()
+        body = {"keys": [bytes(k) for k in keys]}
+        reply = await conn.call(Op.LEASE, body, timeout=self._timeout)
+        views = []
+        for offset, size in reply["slots"]:
+            view = arena[offset : offset + size]
+            view.flags.writeable = False
+            views.append(view)
+        return RemoteLease(
+            conn, reply["id"], list(keys[: len(views)]), views, reply["deadline"]
+        )
+
+    async def _release_later(self, lease: RemoteLease) -> None:
+        """Releases without waiting for the answer (one round trip saved per get)."""
+        await lease.conn.post(Op.RELEASE, {"id": lease.lease_id})
+
+    async def release(self, lease: RemoteLease) -> None:
+        await lease.conn.call(Op.RELEASE, {"id": lease.lease_id}, timeout=self._timeout)
+
+    def _need_arena(self) -> Array:
+        if self._arena is None:
+            raise ConnectionLostError(
+                "two-phase calls need the same-host shared-memory path"
+            )
+        return self._arena
+
+
+def _pin_for_cuda(arena: Array, wanted: bool | None) -> int | None:
+    """Page-locks the mapped arena for CUDA; returns its address when pinned."""
+    if wanted is False:
+        return None
+    try:
+        import torch
+    except ImportError:
+        torch = None  # type: ignore[assignment]
+    if torch is None or not torch.cuda.is_available():
+        if wanted:
+            raise ConnectionLostError("pin_memory=True needs torch with a CUDA device")
+        return None
+    pointer = int(arena.ctypes.data)
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    status = cudart.cudaHostRegister(pointer, arena.nbytes, 0)
+    if int(status) != 0:
+        log.warning(
+            "cudaHostRegister of the arena failed (%s): copies stay sync", status
+        )
+        return None
+    return pointer
+
+
+def _unpin(pointer: int) -> None:
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(pointer)  # type: ignore[no-untyped-call]
+
+
+def _chain_body(keys: Sequence[BlockKey]) -> dict[str, Any]:
+    body: dict[str, Any] = {"keys": [bytes(k) for k in keys]}
+    if isinstance(keys, KeyChain):
+        body["group"] = keys.quota_group
+        body["parent"] = keys.parent
+        body["chained"] = keys.chained
+    else:
+        body["chained"] = False
+    return body
+
+
+def _check_size(target: Array, nbytes: int) -> None:
+    if target.nbytes != nbytes:
+        raise LayoutError(
+            f"a buffer holds {target.nbytes} bytes, the block has {nbytes}"
+        )

@@ -1,0 +1,305 @@
+"""One connection to a node: handshake, pipelined requests, zero-copy payloads.
+
+Requests are written under a send lock, so any number of coroutines may share a
+connection and keep several requests in flight (the node answers each connection in
+order). Replies are read by whichever waiting caller holds the read lock: it reads
+replies in order, handing each to its caller, until its own has come (leader and
+followers). A dedicated reader task would do the same work with one more hand-off
+between tasks per request, which measured twice the round trip of a lone request
+(145 us against 67 us on a Unix socket here). A reply's payload is received straight
+into buffers the caller's ``sink`` names: the blocks of a ``get_into`` land in the
+caller's arrays without an intermediate copy.
+
+A connection that times out or breaks is closed and every request on it fails with
+:class:`~kvtier.errors.ConnectionLostError` (or ``RequestTimeoutError``); the client's
+pool opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier import protocol as proto
+from kvtier._sockio import Channel, recv_fd
+from kvtier.errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    ProtocolError,
+    RemoteError,
+    RequestTimeoutError,
+)
+from kvtier.protocol import FrameHeader, Kind, Op
+
+__all__ = ["Connection", "Sink"]
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[dict[str, Any]], Sequence[Any]]
+"""Given a reply's body, the writable buffers its payload goes into, in order."""
+
+_MAX_REPLY_PAYLOAD = 1 << 40
+
+
+@dataclass
+class _Waiting:
+    request_id: int
+    op: int
+    future: asyncio.Future[dict[str, Any]]
+    sink: Sink | None = field(default=None)
+
+
+class Connection:
+    """A connected, authenticated channel to a node. Use :meth:`open`."""
+
+    def __init__(self, channel: Channel, hello: dict[str, Any]) -> None:
+        self.channel = channel
+        self.hello = hello
+        self.arena_fd: int | None = None
+        self._send_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._ids = itertools.count(1)
+        self._header = bytearray(proto.HEADER.size)
+        self._error: Exception | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        target: str | tuple[str, int],
+        *,
+        token: str | None,
+        tls: ssl.SSLContext | None,
+        timeout: float,
+        want_arena: bool = False,
+    ) -> Connection:
+        """Connects (TCP ``(host, port)``, or an abstract Unix socket name), says
+        HELLO and, on a Unix socket with ``want_arena``, receives the arena's memfd.
+
+        Raises:
+            ConnectionLostError: The node cannot be reached.
+            AuthenticationError: The node refused the token.
+        """
+        try:
+            channel = await asyncio.wait_for(_connect(target, tls), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLostError(f"cannot connect to {target!r}: {exc}") from exc
+        try:
+            body = {"version": proto.VERSION, "token": token or ""}
+            hello = await asyncio.wait_for(_exchange(channel, Op.HELLO, body), timeout)
+            conn = cls(channel, hello)
+            if want_arena:
+                conn.arena_fd = await asyncio.wait_for(_fetch_arena(channel), timeout)
+        except BaseException:
+            channel.close()
+            raise
+        return conn
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    async def call(
+        self,
+        op: Op,
+        body: dict[str, Any],
+        payload: Sequence[Any] = (),
+        sink: Sink | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Sends one request and waits for its reply's body.
+
+        Raises:
+            RemoteError: The node answered with an error.
+            ConnectionLostError: The connection broke (it is closed).
+            RequestTimeoutError: No reply in ``timeout`` (the connection is closed).
+        """
+        if self._error is not None:
+            raise ConnectionLostError(str(self._error))
+        waiting = _Waiting(0, op, asyncio.get_running_loop().create_future(), sink)
+        nbytes = sum(memoryview(buf).nbytes for buf in payload)
+        async with self._send_lock:
+            waiting.request_id = next(self._ids) & 0xFFFFFFFF
+            frame = proto.encode_frame(
+                Kind.REQUEST, op, waiting.request_id, body, nbytes
+            )
+            self._waiting.append(waiting)
+            try:
+                await self.channel.send([frame, *payload])
+            except ConnectionLostError as exc:
+                self._fail(exc)
+                raise
+        try:
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                return await self._await_reply(waiting.future)
+        except TimeoutError:
+            error = RequestTimeoutError(f"no answer to {op.name} in {timeout} s")
+            self._fail(error)  # a reply may be half read: the stream is out of step
+            raise error from None
+
+    async def post(self, op: Op, body: dict[str, Any]) -> None:
+        """Sends a request whose reply nobody waits for (a release): the reply is read
+        and dropped by whoever reads next, which saves the round trip. A failure is
+        logged, never raised."""
+        if self._error is not None:
+            return
+        waiting = _Waiting(0, op, asyncio.get_running_loop().create_future())
+        waiting.future.add_done_callback(_log_failure)
+        async with self._send_lock:
+            waiting.request_id = next(self._ids) & 0xFFFFFFFF
+            frame = proto.encode_frame(Kind.REQUEST, op, waiting.request_id, body)
+            self._waiting.append(waiting)
+            try:
+                await self.channel.send([frame])
+            except ConnectionLostError as exc:
+                self._fail(exc)
+
+    async def _await_reply(
+        self, future: asyncio.Future[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Reads replies in order, as the reader of the moment, until ours is in."""
+        while not future.done():
+            async with self._read_lock:
+                if not future.done():
+                    await self._read_one()
+        return future.result()
+
+    async def _read_one(self) -> None:
+        try:
+            await self.channel.recv_into(self._header)
+            header = FrameHeader.unpack(self._header, _MAX_REPLY_PAYLOAD)
+            if not self._waiting or self._waiting[0].request_id != header.request_id:
+                raise ProtocolError(f"unexpected reply {header.request_id}")
+            await self._deliver(self._waiting.popleft(), header)
+        except (ConnectionLostError, ProtocolError) as exc:
+            self._fail(exc)
+            raise ConnectionLostError(str(exc)) from exc
+
+    async def _deliver(self, waiting: _Waiting, header: FrameHeader) -> None:
+        raw = bytearray(header.body_bytes)
+        await self.channel.recv_into(raw)
+        body = proto.decode_body(raw)
+        if header.kind == Kind.ERROR:
+            await self.channel.discard(header.payload_bytes)
+            _set(waiting.future, exception=_error_of(body))
+            return
+        await self._receive_payload(waiting, body, header.payload_bytes)
+        _set(waiting.future, result=body)
+
+    async def _receive_payload(
+        self, waiting: _Waiting, body: dict[str, Any], nbytes: int
+    ) -> None:
+        if not nbytes:
+            return
+        buffers = waiting.sink(body) if waiting.sink is not None else []
+        if sum(memoryview(b).nbytes for b in buffers) != nbytes:
+            raise ProtocolError(f"reply payload of {nbytes} bytes fits no buffers")
+        for buffer in buffers:
+            await self.channel.recv_into(buffer)
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        while self._waiting:
+            _set(
+                self._waiting.popleft().future,
+                exception=ConnectionLostError(str(error)),
+            )
+        self.channel.close()
+
+    async def close(self) -> None:
+        self._fail(ConnectionLostError("the connection was closed"))
+
+
+def _log_failure(future: asyncio.Future[dict[str, Any]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a request without a waiter failed: %s", future.exception())
+
+
+def _set(
+    future: asyncio.Future[dict[str, Any]],
+    result: dict[str, Any] | None = None,
+    exception: Exception | None = None,
+) -> None:
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result or {})
+
+
+def _error_of(body: dict[str, Any]) -> Exception:
+    code = str(body.get("code", "internal"))
+    message = str(body.get("message", ""))
+    if code == "unauthorized":
+        return AuthenticationError(message)
+    return RemoteError(code, message)
+
+
+async def _connect(
+    target: str | tuple[str, int], tls: ssl.SSLContext | None
+) -> Channel:
+    loop = asyncio.get_running_loop()
+    if isinstance(target, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, "\0" + target)
+        except OSError:
+            sock.close()
+            raise
+        return Channel(sock=sock)
+    host, port = target
+    if tls is not None:
+        streams = await asyncio.open_connection(host, port, ssl=tls)
+        return Channel(streams=streams)
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, protocol, _, address = infos[0]
+    sock = socket.socket(family, kind, protocol)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+    except OSError:
+        sock.close()
+        raise
+    return Channel(sock=sock)
+
+
+async def _exchange(channel: Channel, op: Op, body: dict[str, Any]) -> dict[str, Any]:
+    """One request and its reply, before the reader task runs (the handshake)."""
+    await channel.send([proto.encode_frame(Kind.REQUEST, op, 0, body)])
+    header_buf = bytearray(proto.HEADER.size)
+    await channel.recv_into(header_buf)
+    header = FrameHeader.unpack(header_buf, 0)
+    raw = bytearray(header.body_bytes)
+    await channel.recv_into(raw)
+    reply = proto.decode_body(raw)
+    if header.kind == Kind.ERROR:
+        raise _error_of(reply)
+    return reply
+
+
+async def _fetch_arena(channel: Channel) -> int:
+    """Asks for the arena and receives its memfd with the reply (SCM_RIGHTS)."""
+    assert channel.sock is not None, "the arena comes over a Unix socket"
+    await channel.send([proto.encode_frame(Kind.REQUEST, Op.ARENA, 0, {})])
+    data, fd = await recv_fd(channel.sock, 4096)  # the reply is one small frame
+    header = FrameHeader.unpack(data[: proto.HEADER.size], 0)
+    body = proto.decode_body(
+        data[proto.HEADER.size : proto.HEADER.size + header.body_bytes]
+    )
+    if header.kind == Kind.ERROR or fd is None:
+        raise (
+            _error_of(body)
+            if header.kind == Kind.ERROR
+            else ProtocolError("the node sent no arena")
+        )
+    return fd

@@ -1,0 +1,419 @@
+"""One client connection to the node: read frames, run operations, answer.
+
+Requests of one connection run in order, so replies come back in the order the client
+pipelined them. Payloads never pass through an intermediate buffer: a ``PUT`` reserves
+slots in the memory arena and receives each block straight into its slot, a ``GET``
+leases the blocks and sends straight from the arena. Store calls that may touch a disk
+(reserving may demote, leasing may promote, committing may write through) run in a
+worker thread so the event loop keeps serving other connections.
+
+A session tracks the two-phase writes and the leases of its client; when the client
+goes away, they are aborted and released at once (their deadlines are only the
+backstop for a client that hangs without disconnecting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kvtier import protocol as proto
+from kvtier._sockio import Channel, send_fd
+from kvtier.core.keys import BlockKey, KeyChain
+from kvtier.errors import ConnectionLostError, ProtocolError, RemoteError
+from kvtier.protocol import FrameHeader, Kind, Op
+from kvtier.results import BlockLease, Reservation
+
+if TYPE_CHECKING:
+    from kvtier.server.node import Node
+
+__all__ = ["Session"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_STATUS_CODES = {"reserved": 0, "stored": 1, "refused": 2}
+
+
+class Session:
+    """Serves one connection until the client leaves or breaks the protocol."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, node: Node, channel: Channel, peer: str, *, local: bool) -> None:
+        self.node = node
+        self.store = node.store
+        self.channel = channel
+        self.peer = peer
+        self.local = local  # a Unix-socket client on this host: may map the arena
+        self.authenticated = not node.config.server.auth_token
+        self.reservations: dict[int, Reservation] = {}
+        self.leases: dict[int, BlockLease] = {}
+        self._lease_ids = itertools.count(1)
+        self._handlers: dict[int, Callable[..., Any]] = {
+            Op.HELLO: self._hello,
+            Op.PING: self._ping,
+            Op.ARENA: self._arena,
+            Op.PUT: self._put,
+            Op.GET: self._get,
+            Op.MATCH: self._match,
+            Op.CONTAINS: self._contains,
+            Op.DELETE: self._delete,
+            Op.LIST: self._list,
+            Op.PREFETCH: self._prefetch,
+            Op.STATS: self._stats,
+            Op.RESERVE: self._reserve,
+            Op.COMMIT: self._commit,
+            Op.ABORT: self._abort,
+            Op.LEASE: self._lease,
+            Op.RELEASE: self._release,
+        }
+
+    async def serve(self) -> None:
+        header_buf = bytearray(proto.HEADER.size)
+        limit = self.node.config.server.max_payload_bytes
+        try:
+            while True:
+                await self.channel.recv_into(header_buf)
+                try:
+                    header = FrameHeader.unpack(header_buf, limit)
+                except ProtocolError as exc:
+                    await self._send_error(0, 0, "bad_frame", str(exc))
+                    return  # the stream is out of step: hang up
+                body = bytearray(header.body_bytes)
+                await self.channel.recv_into(body)
+                await self._run(header, body)
+        except ConnectionLostError:
+            pass
+        except ProtocolError as exc:
+            log.info("closing %s: %s", self.peer, exc)
+        finally:
+            self._cleanup()
+            self.channel.close()
+
+    async def _run(self, header: FrameHeader, raw_body: bytearray) -> None:
+        started = time.perf_counter()
+        remaining = [header.payload_bytes]  # what the handler still has to read
+        try:
+            if header.kind != Kind.REQUEST:
+                raise RemoteError(
+                    "bad_request", f"frame kind {header.kind} from client"
+                )
+            handler = self._handlers.get(header.op)
+            if handler is None:
+                raise RemoteError("unknown_op", f"operation {header.op} is not known")
+            if not self.authenticated and header.op != Op.HELLO:
+                await self._send_error(
+                    header.request_id,
+                    header.op,
+                    "unauthorized",
+                    "send HELLO with the node's token first",
+                )
+                raise ProtocolError("request before authentication")
+            try:
+                body = proto.decode_body(raw_body)
+            except ProtocolError as exc:  # the frame's bounds are intact: go on
+                raise RemoteError("bad_request", str(exc)) from exc
+            await handler(header, body, remaining)
+        except RemoteError as exc:
+            await self._drain(remaining)
+            await self._send_error(
+                header.request_id, header.op, exc.code, str(exc).split(": ", 1)[-1]
+            )
+        finally:
+            self.node.metrics.observe_op(
+                header.op, time.perf_counter() - started, header.payload_bytes
+            )
+
+    # ------------------------------------------------------------- replies
+
+    async def _reply(
+        self,
+        header: FrameHeader,
+        body: dict[str, Any],
+        payload: list[Any] | None = None,
+    ) -> None:
+        payload = payload or []
+        nbytes = sum(memoryview(p).nbytes for p in payload)
+        frame = proto.encode_frame(
+            Kind.REPLY, header.op, header.request_id, body, nbytes
+        )
+        await self.channel.send([frame, *payload])
+
+    async def _send_error(
+        self, request_id: int, op: int, code: str, message: str
+    ) -> None:
+        frame = proto.encode_frame(
+            Kind.ERROR, op, request_id, {"code": code, "message": message}
+        )
+        await self.channel.send([frame])
+
+    async def _drain(self, remaining: list[int]) -> None:
+        if remaining[0]:
+            await self.channel.discard(remaining[0])
+            remaining[0] = 0
+
+    def _no_payload(self, remaining: list[int]) -> None:
+        if remaining[0]:
+            raise RemoteError("bad_request", "this operation takes no payload")
+
+    async def _off_loop(
+        self, needs_io: bool, fn: Callable[..., _T], *args: Any, **kwargs: Any
+    ) -> _T:
+        """Runs a store call in a worker thread when it might wait on a disk, and on
+        the loop otherwise: a thread hop costs more than a memory-only call."""
+        if needs_io:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    # ------------------------------------------------------------- handshake
+
+    async def _hello(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        expected = self.node.config.server.auth_token
+        token = body.get("token") or ""
+        if expected and not hmac.compare_digest(str(token), expected):
+            await self._send_error(
+                header.request_id, header.op, "unauthorized", "wrong or missing token"
+            )
+            raise ProtocolError(f"{self.peer} failed authentication")
+        version = body.get("version")
+        if version != proto.VERSION:
+            raise RemoteError("bad_request", f"protocol version {version!r} is not 1")
+        self.authenticated = True
+        await self._reply(header, self.node.hello_info())
+
+    async def _ping(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        await self._reply(header, {})
+
+    async def _arena(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        fd = self.store.arena_fd
+        if not self.local or fd is None or self.channel.sock is None:
+            raise RemoteError("unavailable", "the arena is shared over the Unix socket")
+        frame = proto.encode_frame(
+            Kind.REPLY, header.op, header.request_id, {"bytes": self.store.arena_bytes}
+        )
+        await send_fd(self.channel.sock, frame, fd)
+
+    # ------------------------------------------------------------- data path
+
+    async def _put(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        chain = self._chain(body)
+        sizes = proto.field_sizes(body, len(chain))
+        if sum(sizes) != rest[0]:
+            raise RemoteError(
+                "bad_request",
+                f"sizes add up to {sum(sizes)} bytes, the payload has {rest[0]}",
+            )
+        reservation = await self._off_loop(
+            self.store.reserve_needs_io(sum(sizes)), self.store.reserve, chain, sizes
+        )
+        try:
+            for slot in reservation.slots:
+                if slot.status == "reserved":
+                    await self.channel.recv_into(
+                        self.store.arena_view(slot.offset, slot.nbytes)
+                    )
+                else:
+                    await self.channel.discard(slot.nbytes)
+                rest[0] -= slot.nbytes
+        except BaseException:
+            self.store.abort(reservation)
+            raise
+        result = await self._off_loop(
+            self.store.commit_needs_io(), self.store.commit, reservation
+        )
+        self.node.metrics.observe_received(sum(sizes))
+        await self._reply(header, {"stored": list(result.stored)})
+
+    async def _get(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        lease = await self._off_loop(
+            self.store.lease_needs_io(keys), self.store.lease, keys
+        )
+        try:
+            sizes = [view.nbytes for view in lease.views]
+            await self._reply(header, {"sizes": sizes}, list(lease.views))
+            self.node.metrics.observe_sent(sum(sizes))
+        finally:
+            lease.release()
+
+    async def _match(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        window = proto.field_optional(body, "window", int)
+        if window is not None and window <= 0:
+            raise RemoteError("bad_request", f"window must be positive, got {window}")
+        match = self.store.match(keys, window=window)
+        await self._reply(
+            header, {"num_blocks": match.num_blocks, "tiers": list(match.tiers)}
+        )
+
+    async def _contains(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        await self._reply(header, {"present": self.store.contains(keys)})
+
+    async def _delete(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        removed = await self._off_loop(True, self.store.delete, keys)
+        await self._reply(header, {"removed": removed})
+
+    async def _list(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        group = proto.field_optional(body, "group", str)
+        limit = proto.field_optional(body, "limit", int)
+        infos = self.store.list(group, limit)
+        blocks = [[i.key, i.nbytes, i.group, list(i.tiers), i.expire_at] for i in infos]
+        await self._reply(header, {"blocks": blocks})
+
+    async def _prefetch(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        in_memory = await asyncio.wrap_future(self.store.prefetch(keys))
+        await self._reply(header, {"in_memory": in_memory})
+
+    async def _stats(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        await self._reply(header, self.node.status())
+
+    # ------------------------------------------------------------- two-phase
+
+    def _need_local(self) -> None:
+        if not self.local or self.store.arena_fd is None:
+            raise RemoteError(
+                "unavailable", "two-phase calls need the same-host shared-memory path"
+            )
+
+    async def _reserve(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        self._need_local()
+        chain = self._chain(body)
+        sizes = proto.field_sizes(body, len(chain))
+        timeout = proto.field_optional(body, "timeout", (int, float))
+        reservation = await self._off_loop(
+            self.store.reserve_needs_io(sum(sizes)),
+            self.store.reserve,
+            chain,
+            sizes,
+            timeout=timeout,
+        )
+        self.reservations[reservation.reservation_id] = reservation
+        slots = [[_STATUS_CODES[s.status], s.offset] for s in reservation.slots]
+        await self._reply(
+            header,
+            {
+                "id": reservation.reservation_id,
+                "slots": slots,
+                "deadline": reservation.deadline,
+            },
+        )
+
+    async def _commit(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        reservation = self._take(self.reservations, proto.field_int(body, "id"))
+        result = await self._off_loop(
+            self.store.commit_needs_io(), self.store.commit, reservation
+        )
+        await self._reply(header, {"stored": list(result.stored)})
+
+    async def _abort(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        self.store.abort(self._take(self.reservations, proto.field_int(body, "id")))
+        await self._reply(header, {})
+
+    async def _lease(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        self._need_local()
+        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        lease = await self._off_loop(
+            self.store.lease_needs_io(keys), self.store.lease, keys
+        )
+        lease_id = next(self._lease_ids)
+        self.leases[lease_id] = lease
+        slots = [[o, v.nbytes] for o, v in zip(lease.offsets, lease.views, strict=True)]
+        await self._reply(
+            header, {"id": lease_id, "slots": slots, "deadline": lease.deadline}
+        )
+
+    async def _release(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        self._take(self.leases, proto.field_int(body, "id")).release()
+        await self._reply(header, {})
+
+    # ------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _take(table: dict[int, _T], item_id: int) -> _T:
+        item = table.pop(item_id, None)
+        if item is None:
+            raise RemoteError("bad_request", f"no open reservation or lease {item_id}")
+        return item
+
+    @staticmethod
+    def _chain(body: dict[str, Any]) -> KeyChain:
+        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        parent = proto.field_optional(body, "parent", bytes)
+        group = proto.field_optional(body, "group", str)
+        chained = body.get("chained", True)
+        if not isinstance(chained, bool):
+            raise RemoteError("bad_request", "chained must be true or false")
+        if parent is not None and len(parent) != 16:
+            raise RemoteError("bad_request", "parent must be a 16-byte key")
+        return KeyChain(
+            keys,
+            None,
+            BlockKey(parent) if parent else None,
+            group=group,
+            chained=chained,
+        )
+
+    def _cleanup(self) -> None:
+        """The client left: its reservations and leases end now."""
+        for reservation in self.reservations.values():
+            self.store.abort(reservation)
+        for lease in self.leases.values():
+            lease.release()
+        self.reservations.clear()
+        self.leases.clear()
