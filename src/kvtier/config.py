@@ -265,6 +265,9 @@ class RouterConfig:
         "(none).",
         "",
     )
+    store_token: str = _doc(
+        "Bearer token of the node's HTTP API (its server.auth_token); '' = none.", ""
+    )
     store_weight: float = _doc("Credit of a block only the shared store holds.", 0.5)
     store_timeout_seconds: float = _doc(
         "Longest a route waits for the shared store (then counts none there).", 0.05

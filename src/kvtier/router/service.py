@@ -36,7 +36,9 @@ def open_store_view(config: Config) -> StoreView | None:
         from kvtier.store import TieredStore
 
         return EmbeddedStoreView(TieredStore(config))
-    return HttpStoreView(url, config.router.store_timeout_seconds)
+    return HttpStoreView(
+        url, config.router.store_timeout_seconds, config.router.store_token
+    )
 
 
 class RouterService:

@@ -66,11 +66,13 @@ class HttpStoreView:
     Args:
         url: The node's base URL, e.g. ``http://10.0.0.5:8780``.
         timeout_seconds: Longest wait for one answer.
+        token: The node's bearer token (``server.auth_token``), if it has one.
     """
 
-    def __init__(self, url: str, timeout_seconds: float) -> None:
+    def __init__(self, url: str, timeout_seconds: float, token: str = "") -> None:
         self._url = url.rstrip("/") + "/v1/match"
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def match(self, keys: Sequence[BlockKey]) -> int:
@@ -89,7 +91,9 @@ class HttpStoreView:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, headers=self._headers
+            )
         return self._session
 
     async def close(self) -> None:
