@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from kvtier.config import RouterPodConfig
 from kvtier.errors import ConfigError, EventFormatError
-from kvtier.router.events import decode_batch
+from kvtier.router.events import EventBatch, decode_batch
 from kvtier.router.feed import Verdict
 from kvtier.router.router import Pod, Router
 
@@ -185,28 +185,49 @@ class Ingest:
             stream.processed += 1
 
     async def _handle(self, pod: Pod, frames: Frames) -> None:
+        """A live message: classified, replayed around when that helps, applied."""
         if len(frames) != 3 or len(frames[1]) != 8:
             self._router.resync(pod, "malformed")
             return
-        await self._batch(pod, int.from_bytes(frames[1], "big"), frames[2], True)
+        seq = int.from_bytes(frames[1], "big")
+        batch = self._decode(pod, seq, frames[2])
+        if batch is None:
+            return
+        verdict = self._classify(pod, seq, batch)
+        start = pod.feed.expected or 0
+        if (
+            verdict is not Verdict.APPLY
+            and start < seq
+            and await self._replay(pod, start)
+        ):
+            verdict = pod.feed.classify(seq, batch.ts)
+        self._settle(pod, seq, batch, verdict)
 
-    async def _batch(self, pod: Pod, seq: int, payload: bytes, replay: bool) -> None:
+    def _replayed(self, pod: Pod, seq: int, payload: bytes) -> None:
+        """A replayed message: the same rules, but no replay of its own."""
+        batch = self._decode(pod, seq, payload)
+        if batch is not None:
+            self._settle(pod, seq, batch, self._classify(pod, seq, batch))
+
+    def _decode(self, pod: Pod, seq: int, payload: bytes) -> EventBatch | None:
         try:
             batch = decode_batch(payload)
         except EventFormatError as exc:
             log.warning("pod %s: batch %d does not decode: %s", pod.pod_id, seq, exc)
             self._router.resync(pod, "malformed")
-            return
+            return None
         self._router.heard(pod)
+        return batch
+
+    def _classify(self, pod: Pod, seq: int, batch: EventBatch) -> Verdict:
         verdict = pod.feed.classify(seq, batch.ts)
         if verdict is not Verdict.APPLY:
             pod.counters.count(pod.counters.verdicts, verdict.value)
         if verdict is Verdict.RESTART:
-            self._router.resync(pod, "restart")
-        start = pod.feed.expected or 0
-        replayed = verdict is not Verdict.APPLY and replay and start < seq
-        if replayed and await self._replay(pod, start):
-            verdict = pod.feed.classify(seq, batch.ts)
+            self._router.resync(pod, "restart")  # the position resets: next is FIRST
+        return verdict
+
+    def _settle(self, pod: Pod, seq: int, batch: EventBatch, verdict: Verdict) -> None:
         if verdict is Verdict.DUPLICATE:
             return
         if verdict is Verdict.GAP:
@@ -224,7 +245,7 @@ class Ingest:
         finally:
             pod.state = "live"
         for seq, payload in replayed:
-            await self._batch(pod, seq, payload, False)
+            self._replayed(pod, seq, payload)
         return bool(replayed)
 
     async def _fetch(self, pod: Pod, start: int) -> list[tuple[int, bytes]]:
