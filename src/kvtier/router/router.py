@@ -85,6 +85,7 @@ class RouteRequest:
         lora: The LoRA adapter, as the engines name it (their ``lora_name``).
         cache_salt: vLLM's per-request ``cache_salt``, if the prompt has one.
         pods: Restrict the candidates to these pod ids (an endpoint picker's list).
+        top_k: Answer only the best ``top_k`` pods (None: all).
     """
 
     model: str
@@ -94,6 +95,7 @@ class RouteRequest:
     lora: str | None = None
     cache_salt: str = ""
     pods: tuple[str, ...] | None = None
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,12 @@ class Router:
         num_store = await self._store_blocks(keys) if candidates else 0
         masks = self.index.masks(keys)
         ranked = score_pods(
-            masks, self.index.num_slots, num_store, candidates, self.weights
+            masks,
+            self.index.num_slots,
+            num_store,
+            candidates,
+            self.weights,
+            request.top_k,
         )
         return RouteResult(
             request.model,

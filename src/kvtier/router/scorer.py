@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,9 +52,9 @@ class Candidate:
     load: float = 0.0
 
 
-@dataclass(frozen=True)
-class PodScore:
-    """One pod's answer, with the reasons for it.
+class PodScore(NamedTuple):
+    """One pod's answer, with the reasons for it (a NamedTuple: a route makes one per
+    pod it answers, and a frozen dataclass costs four times as much to build).
 
     Attributes:
         pod_id: The pod.
@@ -89,6 +89,7 @@ def score_pods(
     num_store_blocks: int,
     candidates: Sequence[Candidate],
     weights: Weights,
+    top_k: int | None = None,
 ) -> list[PodScore]:
     """Scores and ranks ``candidates`` for a prompt, best first.
 
@@ -98,34 +99,59 @@ def score_pods(
         num_store_blocks: Leading prompt blocks the shared store holds.
         candidates: The pods to rank (slots below ``num_slots``).
         weights: Tier, store and load weights.
+        top_k: Answer only the best ``top_k`` pods (None: all).
     """
     num_blocks = len(masks)
     end = _run_end(masks, num_store_blocks)
-    local, best = _holdings(masks[:end], num_slots, candidates, weights)
+    held = _tier_bits(masks[:end], num_slots, candidates, len(weights.tier_weights))
     store = np.where(np.arange(end) < num_store_blocks, weights.store_weight, 0.0)
-    credit = np.maximum(local, store[:, None])
+    store = store[:, None]
+    local = np.zeros((end, len(candidates)))
+    for weight, bits in zip(weights.tier_weights, held, strict=True):
+        local += weight * bits
+    credit = np.maximum(local, store)
     alive = np.logical_and.accumulate(credit > 0, axis=0)
-    from_tier = alive & (local >= store[:, None]) & (local > 0)
+    per_tier = [
+        (alive & bits & (weight >= store)).sum(axis=0)
+        for weight, bits in zip(weights.tier_weights, held, strict=True)
+    ]
     runs = alive.sum(axis=0)
     cached = (credit * alive).sum(axis=0) / max(num_blocks, 1)
-    names = weights.tier_names
-    per_tier = [(from_tier & (best == t)).sum(axis=0) for t in range(len(names))]
-    scores = []
-    for i, cand in enumerate(candidates):
-        counts = {name: int(per_tier[t][i]) for t, name in enumerate(names)}
-        counts["store"] = int(runs[i]) - sum(counts.values())
-        scores.append(
+    return _ranked(candidates, weights, runs, cached, per_tier, top_k)
+
+
+def _ranked(
+    candidates: Sequence[Candidate],
+    weights: Weights,
+    runs: np.ndarray[Any, Any],
+    cached: np.ndarray[Any, Any],
+    per_tier: list[np.ndarray[Any, Any]],
+    top_k: int | None,
+) -> list[PodScore]:
+    fractions = cached.tolist()
+    scores = [
+        f - weights.load_weight * c.load
+        for f, c in zip(fractions, candidates, strict=True)
+    ]
+    order = sorted(
+        range(len(candidates)),
+        key=lambda i: (-scores[i], candidates[i].load, candidates[i].pod_id),
+    )
+    runs_list = runs.tolist()
+    columns = [n.tolist() for n in per_tier]  # Python ints: no numpy scalar per pod
+    ranked = []
+    for i in order[:top_k]:
+        counts = {
+            name: col[i] for name, col in zip(weights.tier_names, columns, strict=True)
+        }
+        counts["store"] = runs_list[i] - sum(counts.values())
+        cand = candidates[i]
+        ranked.append(
             PodScore(
-                cand.pod_id,
-                float(cached[i]) - weights.load_weight * cand.load,
-                float(cached[i]),
-                int(runs[i]),
-                counts,
-                cand.load,
+                cand.pod_id, scores[i], fractions[i], runs_list[i], counts, cand.load
             )
         )
-    scores.sort(key=lambda s: (-s.score, s.load, s.pod_id))
-    return scores
+    return ranked
 
 
 def _run_end(masks: Sequence[int], num_store_blocks: int) -> int:
@@ -136,22 +162,17 @@ def _run_end(masks: Sequence[int], num_store_blocks: int) -> int:
     return len(masks)
 
 
-def _holdings(
+def _tier_bits(
     masks: Sequence[int],
     num_slots: int,
     candidates: Sequence[Candidate],
-    weights: Weights,
-) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """(blocks x candidates) credit of each candidate's own copy (0: none), and the
-    best tier it holds each block in."""
-    num_tiers = len(weights.tier_weights)
+    num_tiers: int,
+) -> list[np.ndarray[Any, Any]]:
+    """Per tier, a (blocks x candidates) bool array: the candidate holds the block
+    with that tier as its best. The index sets one tier bit per (pod, block)."""
     width = max(1, (num_slots * num_tiers + 7) // 8)
-    raw = b"".join(m.to_bytes(width, "little") for m in masks)
+    raw = b"".join([mask.to_bytes(width, "little") for mask in masks])
     flat = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
-    bits = flat.reshape(len(masks), width * 8)[:, : num_slots * num_tiers].reshape(
-        len(masks), num_slots, num_tiers
-    )[:, [c.slot for c in candidates], :]
-    held = bits.any(axis=2)
-    best = bits.argmax(axis=2)
-    tier_weights = np.asarray(weights.tier_weights)
-    return np.where(held, tier_weights[best], 0.0), best
+    bits = flat.reshape(len(masks), width * 8).view(bool)
+    columns = np.fromiter((c.slot for c in candidates), np.intp, len(candidates))
+    return [bits[:, columns * num_tiers + tier] for tier in range(num_tiers)]
