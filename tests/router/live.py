@@ -93,8 +93,14 @@ class LiveRouter:
         ]
 
     def wait_pod(self, pod_id: str, condition: Callable[[dict[str, Any]], bool]) -> Any:
-        """Polls the pod until ``condition`` holds; fails the test at the deadline."""
-        return wait(lambda: self.pod(pod_id), condition, f"pod {pod_id}")
+        """Polls the pod until it exists and ``condition`` holds; fails the test at
+        the deadline."""
+
+        def probe() -> Any:
+            status, body = self.request("GET", f"/v1/pods/{pod_id}")
+            return body if status == 200 else None
+
+        return wait(probe, lambda pod: pod is not None and condition(pod), pod_id)
 
 
 def wait(probe: Callable[[], Any], condition: Callable[[Any], bool], what: str) -> Any:
