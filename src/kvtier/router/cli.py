@@ -117,6 +117,8 @@ _TARGETS = {
     "ingest_zmq_blocks_per_s": ("  the same, through ZMQ from a publisher", "report"),
     "route_p50_ms": ("route p50, 32k tokens, 64 pods (ms)", "report"),
     "route_p99_ms": ("route p99, 32k tokens, 64 pods (ms)", "<= 2"),
+    "route_cpu_p50_ms": ("  CPU time of a route, p50 (ms)", "report"),
+    "route_cpu_p99_ms": ("  CPU time of a route, p99 (ms)", "report"),
     "route_http_p50_ms": ("  through HTTP, token_ids JSON list, p50 (ms)", "report"),
     "route_http_p99_ms": ("  through HTTP, token_ids JSON list, p99 (ms)", "report"),
     "route_http_b64_p50_ms": ("  through HTTP, token_ids_b64, p50 (ms)", "report"),
