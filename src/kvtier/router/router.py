@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kvtier.config import RouterConfig, RouterPodConfig, check_router_pod
 from kvtier.core.keys import KeyChain, Namespace, block_keys
 from kvtier.errors import (
@@ -89,7 +91,7 @@ class RouteRequest:
     """
 
     model: str
-    token_ids: Any = None
+    token_ids: Sequence[int] | np.ndarray[Any, Any] | None = None
     text: str | None = None
     tokenizer: str | None = None
     lora: str | None = None
