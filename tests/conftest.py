@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+# Helpers shared by test directories (real nodes, real etcd): import them by name.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 
 @pytest.fixture

@@ -30,7 +30,9 @@ def test_public_api_is_exactly_all() -> None:
         if not name.startswith("_")
         and getattr(obj, "__module__", "").startswith("kvtier")
     }
-    assert set(kvtier.__all__) - {"__version__"} == ours
+    lazy = {"AsyncClusterClient"}  # imported on first use (needs the cluster extra)
+    assert set(kvtier.__all__) - {"__version__"} == ours | lazy
+    assert all(getattr(kvtier, name) is not None for name in kvtier.__all__)
     assert len(set(kvtier.__all__)) == len(kvtier.__all__)
 
 
@@ -122,3 +124,16 @@ def test_first_readme_command_works_from_a_fresh_clone(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "memory put vs numpy.copyto" in out.stdout
+
+
+def test_importing_kvtier_stays_light() -> None:
+    """Only the core deps (numpy, xxhash, msgpack, pyyaml, rich) load on import."""
+    code = (
+        "import sys, kvtier\n"
+        "heavy = {'aetcd', 'aiohttp', 'grpc', 'prometheus_client', 'torch', 'redis',"
+        " 'boto3', 'zmq', 'transformers'}\n"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

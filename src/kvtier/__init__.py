@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvtier.aio import AsyncTieredStore
-from kvtier.client import AsyncClient, Client
+from kvtier.client import AsyncClient, Client, ClusterClient
 from kvtier.config import Config, load_config
 from kvtier.core.index import BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain, Namespace, block_keys, engine_keys
 from kvtier.errors import (
     AuthenticationError,
+    ClusterError,
     ConfigError,
     ConnectionLostError,
     CorruptBlockError,
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AsyncClusterClient",
     "AsyncTieredStore",
     "AuthenticationError",
     "BlockInfo",
@@ -61,6 +63,8 @@ __all__ = [
     "BlockLease",
     "BlockMeta",
     "Client",
+    "ClusterClient",
+    "ClusterError",
     "Config",
     "ConfigError",
     "ConnectionLostError",
@@ -90,6 +94,14 @@ __all__ = [
     "open_async",
     "to_torch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AsyncClusterClient":  # needs the cluster extra: imported on use
+        from kvtier.client.cluster import AsyncClusterClient
+
+        return AsyncClusterClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open(  # noqa: A001 - mirrors the built-in's role for a store, like shelve.open

@@ -38,6 +38,7 @@ import yaml
 from kvtier.errors import ConfigError
 
 __all__ = [
+    "ClusterConfig",
     "Config",
     "DiskConfig",
     "MemoryConfig",
@@ -390,6 +391,55 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster mode: nodes coordinated through etcd (`kvtier serve --cluster`)."""
+
+    name: str = _doc("Name of the cluster to join ('' = a standalone node).", "")
+    etcd: str = _doc(
+        "etcd endpoints, comma-separated host:port (any members; failover is "
+        "automatic).",
+        "127.0.0.1:2379",
+    )
+    zone: str = _doc(
+        "Failure domain of this node (rack, host group): replicas of a block go to "
+        "different zones when there are enough.",
+        "",
+    )
+    advertise: str = _doc(
+        "host:port clients reach this node at ('' = server.host:server.port, or "
+        "the host name when the node listens on a wildcard address).",
+        "",
+    )
+    lease_ttl: int = _doc(
+        "Seconds a node stays registered without a keepalive (how long the cluster "
+        "takes to notice a dead node).",
+        5,
+    )
+    replicas: int = _doc(
+        "Copies of each block (R); written into etcd by the first node of the cluster.",
+        2,
+    )
+    write_quorum: int = _doc(
+        "Replicas that must store a block for a put to succeed (W <= R).", 1
+    )
+
+    def __post_init__(self) -> None:
+        if "/" in self.name:
+            raise ConfigError(f"cluster.name must not contain '/', got {self.name!r}")
+        _check_positive("cluster.lease_ttl", self.lease_ttl)
+        _check_positive("cluster.replicas", self.replicas)
+        if not 1 <= self.write_quorum <= self.replicas:
+            raise ConfigError(
+                "cluster.write_quorum must be in [1, cluster.replicas="
+                f"{self.replicas}], got {self.write_quorum}"
+            )
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e.strip() for e in self.etcd.split(",") if e.strip()]
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of kvtier."""
 
@@ -399,6 +449,7 @@ class Config:
     shared_fs: SharedFSConfig = field(default_factory=SharedFSConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def disk_path(self) -> Path:
@@ -472,6 +523,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "shared_fs": SharedFSConfig,
     "router": RouterConfig,
     "server": ServerConfig,
+    "cluster": ClusterConfig,
 }
 
 

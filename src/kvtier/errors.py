@@ -16,6 +16,7 @@ callers that expect it::
     ├── StoreClosedError                 the store was used after close()
     ├── StorageError                     a tier could not do its I/O
     │   └── CorruptBlockError            a stored block failed its checksum
+    ├── ClusterError                     etcd could not be reached in time
     └── NodeError                        talking to a kvtier node failed
         ├── ConnectionLostError          cannot reach the node, or it hung up (retried)
         ├── RequestTimeoutError          no answer in time (retried when safe)
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "ClusterError",
     "ConfigError",
     "ConnectionLostError",
     "CorruptBlockError",
@@ -94,6 +96,10 @@ class StorageError(KVTierError):
 
 class CorruptBlockError(StorageError):
     """A block read back from outside memory failed its checksum or framing."""
+
+
+class ClusterError(KVTierError):
+    """The cluster's coordination store (etcd) could not be reached in time."""
 
 
 class NodeError(KVTierError):

@@ -184,6 +184,18 @@ class TieredStore:
             for nbytes, parent in zip(sizes, parents, strict=True)
         ]
 
+    def set_quota(
+        self, group: str, memory_bytes: int | None, disk_bytes: int | None
+    ) -> None:
+        """Sets (or, with ``None``, lifts) a quota group's limits per tier.
+
+        Blocks already over a lowered limit stay until the group's next put evicts.
+        """
+        with self._lock:
+            self._ledger.accounts[MEMORY].quotas.set_limit(group, memory_bytes)
+            if self._disk is not None:
+                self._ledger.accounts[DISK].quotas.set_limit(group, disk_bytes)
+
     # Queries a server asks before a call, to run it on its event loop when it cannot
     # touch a disk, and in a worker thread when it might.
 

@@ -159,6 +159,7 @@ def test_openapi_documents_every_route(node: NodeProcess) -> None:
         "/v1/match",
         "/v1/contains",
         "/v1/keys",
+        "/v1/cluster",
         "/openapi.json",
     }
 

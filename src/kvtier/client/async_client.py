@@ -344,6 +344,20 @@ class AsyncClient:
         )
         return len(reply["sizes"])
 
+    async def get_blocks(self, keys: Sequence[BlockKey]) -> list[Array | None]:
+        """Every stored block of ``keys``, in any order (``None`` where missing): the
+        exact batch read, where ``get`` reads a prefix."""
+        found: list[Array | None] = []
+
+        def sink(body: dict[str, Any]) -> list[Any]:
+            sizes = body["sizes"]
+            found[:] = [np.empty(n, np.uint8) if n >= 0 else None for n in sizes]
+            return [arr for arr in found if arr is not None]
+
+        body = {"keys": [bytes(k) for k in keys], "exact": True}
+        await self._retrying(lambda: self._call(Op.GET, body, sink=sink))
+        return found
+
     async def match(
         self, keys: Sequence[BlockKey], *, window: int | None = None
     ) -> Match:
@@ -479,8 +493,7 @@ def _chain_body(keys: Sequence[BlockKey]) -> dict[str, Any]:
     body: dict[str, Any] = {"keys": [bytes(k) for k in keys]}
     if isinstance(keys, KeyChain):
         body["group"] = keys.quota_group
-        body["parent"] = keys.parent
-        body["chained"] = keys.chained
+        body["parents"] = keys.parents()
     else:
         body["chained"] = False
     return body

@@ -135,6 +135,7 @@ class Connection:
                 await self.channel.send([frame, *payload])
             except ConnectionLostError as exc:
                 self._fail(exc)
+                waiting.future.exception()  # raised here instead; mark it retrieved
                 raise
         try:
             async with asyncio.timeout(timeout):  # no extra task, unlike wait_for

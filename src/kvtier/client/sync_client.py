@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
 
@@ -22,38 +22,45 @@ from kvtier.core.keys import BlockKey
 from kvtier.layout import KVLayout
 from kvtier.results import BlockInfo, Match, PutResult
 
-__all__ = ["Client"]
+if TYPE_CHECKING:
+    from kvtier.client.cluster import AsyncClusterClient
+
+__all__ = ["Client", "ClusterClient"]
 
 _T = TypeVar("_T")
 
 
-class Client:
-    """A blocking client of one kvtier node; arguments as :class:`AsyncClient`.
+class _Facade:
+    """Blocking calls over an async client object, run on a private loop.
 
-    ``with Client("127.0.0.1:7480") as client: client.put(keys, blocks)``.
+    With ``background=False`` the loop runs in the calling thread during each call
+    (no hand-off); with ``True`` it runs all the time in a daemon thread, for clients
+    that must keep working between calls (following a cluster's membership).
     """
 
-    def __init__(self, address: str = "127.0.0.1:7480", **options: Any) -> None:
+    aio: AsyncClient | AsyncClusterClient
+
+    def __init__(self, make: Callable[[], Any], *, background: bool = False) -> None:
         self._loop = asyncio.new_event_loop()
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(
+                target=self._loop.run_forever, name="kvtier-client", daemon=True
+            )
+            self._thread.start()
         try:
-            self.aio = AsyncClient(address, **options)
+            self.aio = make()
             self._run(self.aio.connect())
         except BaseException:
             self._close_loop()
             raise
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self._thread is not None:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
         with self._lock:
             return self._loop.run_until_complete(coro)
-
-    @property
-    def shared_memory(self) -> bool:
-        return self.aio.shared_memory
-
-    @property
-    def node_info(self) -> dict[str, Any]:
-        return self.aio.node_info
 
     def put(
         self,
@@ -78,6 +85,9 @@ class Client:
     ) -> int:
         return self._run(self.aio.get_into(keys, outs, layout=layout))
 
+    def get_blocks(self, keys: Sequence[BlockKey]) -> list[np.ndarray[Any, Any] | None]:
+        return self._run(self.aio.get_blocks(keys))
+
     def match(self, keys: Sequence[BlockKey], *, window: int | None = None) -> Match:
         return self._run(self.aio.match(keys, window=window))
 
@@ -101,6 +111,53 @@ class Client:
     def ping(self) -> None:
         self._run(self.aio.ping())
 
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self.aio.close())
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        """Runs what closing scheduled (transports close in callbacks), then closes."""
+        loop = self._loop
+        try:
+            if self._thread is not None:
+                asyncio.run_coroutine_threadsafe(_cancel_pending(), loop).result()
+                loop.call_soon_threadsafe(loop.stop)
+                self._thread.join()
+            else:
+                loop.run_until_complete(_cancel_pending())
+        finally:
+            loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Client(_Facade):
+    """A blocking client of one kvtier node; arguments as :class:`AsyncClient`.
+
+    ``with Client("127.0.0.1:7480") as client: client.put(keys, blocks)``.
+    """
+
+    aio: AsyncClient
+
+    def __init__(self, address: str = "127.0.0.1:7480", **options: Any) -> None:
+        super().__init__(lambda: AsyncClient(address, **options))
+
+    @property
+    def shared_memory(self) -> bool:
+        return self.aio.shared_memory
+
+    @property
+    def node_info(self) -> dict[str, Any]:
+        return self.aio.node_info
+
     def reserve(
         self,
         keys: Sequence[BlockKey],
@@ -122,27 +179,25 @@ class Client:
     def release(self, lease: RemoteLease) -> None:
         self._run(self.aio.release(lease))
 
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self.aio.close())
-        finally:
-            self._close_loop()
 
-    def _close_loop(self) -> None:
-        """Runs what closing scheduled (transports close in callbacks), then closes."""
-        loop = self._loop
-        try:
-            loop.run_until_complete(_cancel_pending())
-        finally:
-            loop.close()
+class ClusterClient(_Facade):
+    """A blocking client of a whole cluster; arguments as :class:`AsyncClusterClient`.
 
-    def __enter__(self) -> Client:
-        return self
+    ``with ClusterClient("etcd-host:2379", "prod") as client: client.get(keys)``.
+    """
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    aio: AsyncClusterClient
+
+    def __init__(self, etcd: Sequence[str] | str, cluster: str, **options: Any) -> None:
+        from kvtier.client.cluster import AsyncClusterClient
+
+        super().__init__(
+            lambda: AsyncClusterClient(etcd, cluster, **options), background=True
+        )
+
+    @property
+    def nodes(self) -> list[str]:
+        return self.aio.nodes
 
 
 async def _cancel_pending() -> None:

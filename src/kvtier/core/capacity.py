@@ -96,6 +96,16 @@ class QuotaTable:
         """The group's budget, or ``None`` if it has no quota on this tier."""
         return self._budgets.get(group)
 
+    def set_limit(self, group: str, limit: int | None) -> None:
+        """Sets, changes or (``None``) lifts a group's quota, keeping its usage."""
+        if limit is None:
+            self._budgets.pop(group, None)
+            return
+        used = self._usage.get(group, [0, 0])[0]
+        self._budgets[group] = Budget(
+            limit, self.high_watermark, self.low_watermark, used_bytes=used
+        )
+
     def usage(self) -> dict[str, int]:
         """Bytes held per group."""
         return {group: used[0] for group, used in self._usage.items() if used[1]}

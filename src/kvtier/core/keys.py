@@ -144,10 +144,12 @@ class KeyChain(Sequence[BlockKey]):
     Slicing keeps the chain: ``chain[4:]`` knows that its first block's parent is
     ``chain[3]``, which the prefix-aware eviction policy needs. ``group`` names the
     quota group when there is no namespace (keys that came over the wire);
-    ``chained=False`` marks keys of unrelated blocks, which have no parents.
+    ``chained=False`` marks keys of unrelated blocks, which have no parents; and
+    ``parents`` gives each key's parent outright (a cluster node receives a scattered
+    subset of a prompt's blocks, each still with its own parent).
     """
 
-    __slots__ = ("_keys", "chained", "group", "namespace", "parent")
+    __slots__ = ("_keys", "_parents", "chained", "group", "namespace", "parent")
 
     def __init__(
         self,
@@ -157,12 +159,18 @@ class KeyChain(Sequence[BlockKey]):
         *,
         group: str | None = None,
         chained: bool = True,
+        parents: Sequence[BlockKey | None] | None = None,
     ) -> None:
         self._keys: tuple[BlockKey, ...] = tuple(keys)
         self.namespace = namespace
         self.parent = parent
         self.group = group
         self.chained = chained
+        if parents is not None and len(parents) != len(self._keys):
+            raise KeyFormatError(
+                f"got {len(parents)} parents for {len(self._keys)} keys"
+            )
+        self._parents = tuple(parents) if parents is not None else None
 
     @property
     def quota_group(self) -> str:
@@ -190,6 +198,7 @@ class KeyChain(Sequence[BlockKey]):
             parent if self.chained else None,
             group=self.group,
             chained=self.chained,
+            parents=self._parents[start:stop] if self._parents is not None else None,
         )
 
     def __len__(self) -> int:
@@ -209,6 +218,8 @@ class KeyChain(Sequence[BlockKey]):
 
     def parents(self) -> list[BlockKey | None]:
         """The parent of each key: ``parent`` for the first, the previous key after."""
+        if self._parents is not None:
+            return list(self._parents)
         if not self.chained:
             return [None] * len(self._keys)
         return [self.parent, *self._keys[:-1]]

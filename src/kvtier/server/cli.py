@@ -47,6 +47,10 @@ def register(sub: Any, common: argparse.ArgumentParser, load: Loader) -> None:
     serve.add_argument("--token", help="shared auth token (server.auth_token)")
     serve.add_argument("--memory", help="memory tier size, e.g. 16GiB")
     serve.add_argument("--data-dir", help="where the disk tier lives (store.data_dir)")
+    serve.add_argument("--cluster", help="join this cluster (cluster.name)")
+    serve.add_argument("--etcd", help="etcd endpoints host:port,... (cluster.etcd)")
+    serve.add_argument("--zone", help="failure domain of this node (cluster.zone)")
+    serve.add_argument("--advertise", help="host:port clients use (cluster.advertise)")
     serve.add_argument(
         "--log-format",
         choices=["text", "json"],
@@ -89,6 +93,10 @@ def _serve(args: argparse.Namespace, load: Loader) -> int:
         "server.auth_token": args.token,
         "memory.capacity_bytes": args.memory,
         "store.data_dir": args.data_dir,
+        "cluster.name": args.cluster,
+        "cluster.etcd": args.etcd,
+        "cluster.zone": args.zone,
+        "cluster.advertise": args.advertise,
     }
     args.set += [f"{k}={v}" for k, v in flags.items() if v is not None]
     config = load(args)

@@ -9,6 +9,7 @@
 | POST | /v1/match | `{"keys": [hex], "window"?: n}` -> `{num_blocks, tiers}` | yes |
 | POST | /v1/contains | `{"keys": [hex...]}` -> `{"present": [bool...]}` | yes |
 | GET | /v1/keys | `?group=&limit=` -> `{"keys": [BlockInfo...]}` | yes |
+| GET | /v1/cluster | the cluster as this node sees it (404 standalone) | yes |
 | GET | /openapi.json | this API as OpenAPI 3 | no |
 
 With ``server.auth_token`` set, "token" routes need ``Authorization: Bearer <token>``
@@ -54,6 +55,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_post("/v1/match", _match)
     app.router.add_post("/v1/contains", _contains)
     app.router.add_get("/v1/keys", _keys)
+    app.router.add_get("/v1/cluster", _cluster)
     app.router.add_get("/openapi.json", _openapi)
     return app
 
@@ -133,6 +135,13 @@ async def _keys(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", _DEFAULT_LIMIT)
     infos = request.app[NODE_KEY].store.list(group, limit)
     return web.json_response({"keys": jsonable(infos)})
+
+
+async def _cluster(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    if node.cluster is None:
+        return _error(404, "this node is not in a cluster (server runs standalone)")
+    return web.json_response(node.cluster.view())
 
 
 async def _openapi(request: web.Request) -> web.Response:

@@ -27,7 +27,7 @@ import os
 import socket
 import ssl
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvtier import protocol as proto
 from kvtier._sockio import Channel, host_id
@@ -37,6 +37,9 @@ from kvtier.results import jsonable
 from kvtier.server.metrics import NodeMetrics
 from kvtier.server.session import Session
 from kvtier.store import TieredStore
+
+if TYPE_CHECKING:
+    from kvtier.cluster.agent import ClusterAgent
 
 __all__ = ["Node", "run_node"]
 
@@ -64,6 +67,11 @@ class Node:
         self._http: Any = None
         self._grpc: Any = None
         self.address: tuple[str, int] = (server.host, server.port)
+        self.cluster: ClusterAgent | None = None
+        if config.cluster.name:
+            from kvtier.cluster.agent import ClusterAgent
+
+            self.cluster = ClusterAgent(self)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -89,6 +97,8 @@ class Node:
             await self._serve_socket(unix, None, local=True)
         await self._serve_socket(tcp, tls, local=False)
         self._housekeeping = asyncio.create_task(self._sweep_loop())
+        if self.cluster is not None:
+            await self.cluster.join()
         self.ready = True
         log.info(
             "kvtier node %s serving on %s:%d (http %d, grpc %d)",
@@ -103,6 +113,8 @@ class Node:
         if not self.ready:
             return
         self.ready = False
+        if self.cluster is not None:
+            await self.cluster.leave()  # clients stop routing here first
         for listener in self._listeners:
             listener.close()
         for task in self._accept_tasks:
@@ -201,6 +213,7 @@ class Node:
             "tiers": self.store.tier_names,
             "stats": jsonable(stats),
             "hit_ratio": stats.hit_ratio,
+            "cluster": self.cluster.view() if self.cluster is not None else None,
         }
 
 

@@ -244,17 +244,27 @@ class Session:
     async def _get(
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
+        """The leading stored blocks; with ``exact``, every stored one (size -1 marks
+        a missing block, which has no bytes in the payload)."""
         self._no_payload(rest)
         keys = [BlockKey(k) for k in proto.field_keys(body)]
-        lease = await self._off_loop(
-            self.store.lease_needs_io(keys), self.store.lease, keys
-        )
+        exact = body.get("exact", False) is True
+        leases = []
         try:
-            sizes = [view.nbytes for view in lease.views]
-            await self._reply(header, {"sizes": sizes}, list(lease.views))
-            self.node.metrics.observe_sent(sum(sizes))
+            for group in [[key] for key in keys] if exact else [keys]:
+                needs_io = self.store.lease_needs_io(group)
+                leases.append(await self._off_loop(needs_io, self.store.lease, group))
+            views = [view for lease in leases for view in lease.views]
+            sizes = (
+                [lease.views[0].nbytes if lease.views else -1 for lease in leases]
+                if exact
+                else [view.nbytes for view in views]
+            )
+            await self._reply(header, {"sizes": sizes}, views)
+            self.node.metrics.observe_sent(sum(view.nbytes for view in views))
         finally:
-            lease.release()
+            for lease in leases:
+                lease.release()
 
     async def _match(
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
@@ -401,12 +411,14 @@ class Session:
             raise RemoteError("bad_request", "chained must be true or false")
         if parent is not None and len(parent) != 16:
             raise RemoteError("bad_request", "parent must be a 16-byte key")
+        parents = body.get("parents")
         return KeyChain(
             keys,
             None,
             BlockKey(parent) if parent else None,
             group=group,
             chained=chained,
+            parents=None if parents is None else _parents(parents, len(keys)),
         )
 
     def _cleanup(self) -> None:
@@ -417,3 +429,13 @@ class Session:
             lease.release()
         self.reservations.clear()
         self.leases.clear()
+
+
+def _parents(parents: Any, count: int) -> list[BlockKey | None]:
+    """A PUT's explicit per-key parents (a cluster scatters one prompt's blocks)."""
+    if not isinstance(parents, list) or len(parents) != count:
+        raise RemoteError("bad_request", f"parents must be a list of {count} keys")
+    for i, parent in enumerate(parents):
+        if parent is not None and (not isinstance(parent, bytes) or len(parent) != 16):
+            raise RemoteError("bad_request", f"parents[{i}] must be 16 bytes or nil")
+    return [BlockKey(p) if p is not None else None for p in parents]
