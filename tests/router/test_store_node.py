@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.server.kvnode import start_node
+from kvnode import start_node
 
 from kvtier import KVLayout
 from kvtier.config import RouterConfig, RouterModelConfig, RouterPodConfig
