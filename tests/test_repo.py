@@ -93,6 +93,8 @@ def test_every_command_has_help() -> None:
         ["--help"],
         ["info", "--help"],
         ["bench", "store", "--help"],
+        ["bench", "route", "--help"],
+        ["route", "--help"],
         ["check", "--help"],
         ["config", "--help"],
     ):

@@ -6,6 +6,8 @@
     kvtier config               the resolved configuration (YAML), or --markdown docs
     kvtier check [--fix]        audit the disk tier's index against its segment files
     kvtier bench store          the embedded store against same-run baselines
+    kvtier route                KV-aware router for inference pods (kvtier.router.cli)
+    kvtier bench route          event ingestion, route latency, index memory
     kvtier bench server         a node against raw sockets, memcpy, Redis and gRPC
     kvtier cluster ...          a cluster's status, settings and quotas (etcd)
     kvtier bench cluster        placement balance and movement, throughput, failure
@@ -113,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.bench.cluster import register as register_bench_cluster
 
     register_bench_cluster(bench_sub)
+    from kvtier.router.cli import register as register_router
+
+    register_router(sub, bench_sub, common, _load)
     return parser
 
 
@@ -219,17 +224,19 @@ _TARGETS = {
 
 
 def _print_store_table(results: dict[str, float]) -> None:
-    table = Table(title="kvtier bench store (medians)")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("target", justify="right")
-    for key, (label, target) in _TARGETS.items():
-        if key in results:
-            table.add_row(label, f"{results[key]:.3f}", target)
-    for key, value in results.items():
-        if key.endswith("_bytes_per_s"):
-            table.add_row(key.removesuffix("_bytes_per_s"), f"{_human(value)}/s", "")
-    Console().print(table)
+    from kvtier.bench.report import print_figures
+
+    rows = [
+        (label, f"{results[key]:.3f}", target)
+        for key, (label, target) in _TARGETS.items()
+        if key in results
+    ]
+    rows += [
+        (key.removesuffix("_bytes_per_s"), f"{_human(value)}/s", "")
+        for key, value in results.items()
+        if key.endswith("_bytes_per_s")
+    ]
+    print_figures("kvtier bench store (medians)", rows)
 
 
 def _human(nbytes: float) -> str:

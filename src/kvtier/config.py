@@ -42,6 +42,9 @@ __all__ = [
     "Config",
     "DiskConfig",
     "MemoryConfig",
+    "RouterConfig",
+    "RouterModelConfig",
+    "RouterPodConfig",
     "ServerConfig",
     "RemoteConfig",
     "StoreConfig",
@@ -202,6 +205,157 @@ class RemoteConfig:
                 raise ConfigError(f"remote.urls entries are URLs, got {url!r}")
 
 
+_ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+@dataclass(frozen=True)
+class RouterPodConfig:
+    """One inference engine the router follows (a vLLM pod; one data-parallel rank)."""
+
+    model: str = _doc("The model the pod serves (the namespace of its block keys).", "")
+    endpoint: str = _doc(
+        "The pod's KV event publisher (vLLM's kv-events endpoint), which the router "
+        "connects to, e.g. tcp://10.0.0.7:5557; '' when the pod publishes to "
+        "router.bind_endpoint instead.",
+        "",
+    )
+    replay_endpoint: str = _doc(
+        "The pod's replay socket (vLLM's replay_endpoint), asked for missed batches "
+        "after a gap; '' = the pod offers none.",
+        "",
+    )
+    topic: str = _doc("Topic prefix to subscribe to ('' = every topic).", "")
+
+
+@dataclass(frozen=True)
+class RouterModelConfig:
+    """How one model's block keys are namespaced, as its engines' kvtier store does."""
+
+    layout_id: str = _doc(
+        "KV layout fingerprint of the model (KVLayout.layout_id).", ""
+    )
+    tenant: str = _doc("Tenant of the store's namespace.", "default")
+    tp_size: int = _doc("Tensor-parallel size of the engines (keys of rank 0).", 1)
+    tokenizer: str = _doc(
+        "Local tokenizer (a directory or tokenizer.json) for text prompts.", ""
+    )
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """``kvtier route``: engine KV events -> global index -> the pod for a prompt."""
+
+    listen: str = _doc("HOST:PORT of the router's HTTP API.", "127.0.0.1:8790")
+    bind_endpoint: str = _doc(
+        "ZMQ endpoint the router binds for pods that publish to it (topic "
+        "kv@<pod>@<model> names the pod, which is added when first heard); '' = none.",
+        "",
+    )
+    pods: dict[str, RouterPodConfig] = _doc(
+        "Pods followed from the start: {pod_id: {model, endpoint, replay_endpoint, "
+        "topic}}; more come and go through the API.",
+        {},
+    )
+    models: dict[str, RouterModelConfig] = _doc(
+        "Per model: {layout_id, tenant, tp_size, tokenizer}, so the router's keys "
+        "equal the store's.",
+        {},
+    )
+    block_tokens: int = _doc(
+        "Tokens per indexed block (the store's block_tokens; a multiple of the "
+        "engines' block size). Partial blocks are not indexed.",
+        256,
+    )
+    hash_seed: int = _doc("Seed of the key namespace (the store's).", 0)
+    tier_weights: dict[str, float] = _doc(
+        "Credit of a block a pod holds, by vLLM medium; blocks on media not listed "
+        "are not indexed.",
+        {"GPU": 1.0, "CPU": 0.8},
+    )
+    store_url: str = _doc(
+        "The shared kvtier store every pod can load from: http://HOST:PORT of a "
+        "kvtier node, 'embedded' (a store opened from this configuration) or '' "
+        "(none).",
+        "",
+    )
+    store_token: str = _doc(
+        "Bearer token of the node's HTTP API (its server.auth_token); '' = none.", ""
+    )
+    store_weight: float = _doc("Credit of a block only the shared store holds.", 0.5)
+    store_timeout_seconds: float = _doc(
+        "Longest a route waits for the shared store (then counts none there).", 0.05
+    )
+    load_weight: float = _doc(
+        "How much a pod's reported load (0..1) lowers its score: score = cached "
+        "fraction - load_weight * load.",
+        0.5,
+    )
+    max_blocks_per_pod: int = _doc(
+        "Most engine blocks indexed per pod; past it the least recently stored go.",
+        262_144,
+    )
+    silence_seconds: float = _doc(
+        "A pod silent this long expires: its blocks are no longer credited (0 = "
+        "never).",
+        600.0,
+    )
+    replay_timeout_seconds: float = _doc(
+        "Longest wait for a pod's replay of missed batches.", 5.0
+    )
+
+    def __post_init__(self) -> None:
+        _check_listen("router.listen", self.listen)
+        if self.bind_endpoint:
+            _check_zmq("router.bind_endpoint", self.bind_endpoint)
+        for pod_id, pod in self.pods.items():
+            check_router_pod(f"router.pods.{pod_id}", pod)
+        for name, model in self.models.items():
+            _check_positive(f"router.models.{name}.tp_size", model.tp_size)
+        _check_positive("router.block_tokens", self.block_tokens)
+        if not 0 <= self.hash_seed < 2**64:
+            raise ConfigError(
+                f"router.hash_seed must be in [0, 2**64), got {self.hash_seed}"
+            )
+        self._check_weights()
+        if self.store_url not in ("", "embedded") and not self.store_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                "router.store_url must be '', 'embedded' or http(s)://HOST:PORT, "
+                f"got {self.store_url!r}"
+            )
+        _check_positive("router.store_timeout_seconds", self.store_timeout_seconds)
+        _check_positive("router.max_blocks_per_pod", self.max_blocks_per_pod)
+        _check_non_negative("router.silence_seconds", self.silence_seconds)
+        _check_positive("router.replay_timeout_seconds", self.replay_timeout_seconds)
+
+    def _check_weights(self) -> None:
+        if not 1 <= len(self.tier_weights) <= 8:
+            raise ConfigError(
+                f"router.tier_weights must name 1 to 8 media, got {self.tier_weights!r}"
+            )
+        for medium, weight in self.tier_weights.items():
+            _check_positive(f"router.tier_weights.{medium}", weight)
+        _check_non_negative("router.store_weight", self.store_weight)
+        _check_non_negative("router.load_weight", self.load_weight)
+
+
+def check_router_pod(key: str, pod: RouterPodConfig) -> None:
+    """Validates one pod's settings; ``key`` names it in the message.
+
+    Raises:
+        ConfigError: No model, or an endpoint that is not a ZMQ address.
+    """
+    if not pod.model:
+        raise ConfigError(f"{key}.model must name the model the pod serves")
+    for name in ("endpoint", "replay_endpoint"):
+        value = getattr(pod, name)
+        if value:
+            _check_zmq(f"{key}.{name}", value)
+    if pod.replay_endpoint and not pod.endpoint:
+        raise ConfigError(f"{key}.replay_endpoint needs {key}.endpoint")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """`kvtier serve`: the node's listeners, authentication and limits."""
@@ -305,6 +459,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -378,6 +533,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "memory": MemoryConfig,
     "disk": DiskConfig,
     "remote": RemoteConfig,
+    "router": RouterConfig,
     "server": ServerConfig,
     "cluster": ClusterConfig,
 }
@@ -391,6 +547,20 @@ def _check_positive(key: str, value: float) -> None:
 def _check_non_negative(key: str, value: float) -> None:
     if value < 0:
         raise ConfigError(f"{key} must be >= 0, got {value!r}")
+
+
+def _check_zmq(key: str, value: str) -> None:
+    if not value.startswith(_ZMQ_SCHEMES):
+        raise ConfigError(
+            f"{key} must be a ZMQ endpoint ({', '.join(_ZMQ_SCHEMES)}...), "
+            f"got {value!r}"
+        )
+
+
+def _check_listen(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{key} must be HOST:PORT, e.g. 0.0.0.0:8790, got {value!r}")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -10,6 +10,9 @@ callers that expect it::
     ├── ConfigError        (ValueError)  a config key has a value that is not allowed
     ├── LayoutError        (ValueError)  a block does not match its KV layout
     ├── KeyFormatError     (ValueError)  token ids or engine hashes that cannot be keys
+    ├── EventFormatError   (ValueError)  an engine KV event batch that does not decode
+    ├── RouteError         (ValueError)  a route request that cannot be answered
+    ├── UnknownPodError    (LookupError) the router follows no pod of that id
     ├── StoreClosedError                 the store was used after close()
     ├── StorageError                     a tier could not do its I/O
     │   └── CorruptBlockError            a stored block failed its checksum
@@ -36,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ConnectionLostError",
     "CorruptBlockError",
+    "EventFormatError",
     "KVTierError",
     "KeyFormatError",
     "LayoutError",
@@ -43,8 +47,10 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RequestTimeoutError",
+    "RouteError",
     "StorageError",
     "StoreClosedError",
+    "UnknownPodError",
 ]
 
 
@@ -65,6 +71,19 @@ class LayoutError(KVTierError, ValueError):
 
 class KeyFormatError(KVTierError, ValueError):
     """Token ids or engine-computed hashes that cannot be turned into block keys."""
+
+
+class EventFormatError(KVTierError, ValueError):
+    """An engine's KV event batch (vLLM's msgpack wire format) that does not decode."""
+
+
+class RouteError(KVTierError, ValueError):
+    """A route request that cannot be answered: no prompt, an unknown model, or text
+    without a tokenizer that can be loaded here."""
+
+
+class UnknownPodError(KVTierError, LookupError):
+    """The router follows no pod of that id."""
 
 
 class StoreClosedError(KVTierError):

@@ -228,13 +228,18 @@ class KeyChain(Sequence[BlockKey]):
         return f"KeyChain({len(self._keys)} keys, namespace={self.namespace!r})"
 
 
-def block_keys(namespace: Namespace, token_ids: Any) -> KeyChain:
+def block_keys(
+    namespace: Namespace, token_ids: Any, parent: BlockKey | None = None
+) -> KeyChain:
     """Chained keys of every full block of ``token_ids``.
 
     Args:
         namespace: What the keys are seeded by, including ``block_tokens``.
         token_ids: A list or tuple of ints, a 1-D integer numpy array, or a 1-D integer
             torch tensor (CPU or GPU). Ids must be in ``[0, 2**32)``.
+        parent: The key of the block just before ``token_ids`` when they continue a
+            prompt whose earlier blocks were keyed already (the router rebuilds
+            chains from engine events this way); ``None`` starts at the namespace root.
 
     Returns:
         One key per full block; the partial tail block gets none.
@@ -246,13 +251,13 @@ def block_keys(namespace: Namespace, token_ids: Any) -> KeyChain:
     step = namespace.block_tokens * _TOKEN_BYTES
     num_blocks = len(data) // step
     hash_fn = hash_function(namespace.hash_algo)
-    prev = namespace.root
+    prev = namespace.root if parent is None else parent
     keys: list[BlockKey] = []
     append = keys.append
     for start in range(0, num_blocks * step, step):
         prev = BlockKey(hash_fn(prev + data[start : start + step]))
         append(prev)
-    return KeyChain(keys, namespace, None)
+    return KeyChain(keys, namespace, parent)
 
 
 def engine_keys(namespace: Namespace, hashes: Sequence[bytes | int]) -> KeyChain:
