@@ -29,8 +29,9 @@ from kvtier.core.index import BlockMeta, Entry
 from kvtier.core.keys import BlockKey
 from kvtier.core.ledger import Ledger, TierAccount
 from kvtier.core.policy import make_policy
+from kvtier.errors import StorageError
 from kvtier.results import StoreStats
-from kvtier.tiers.disk import DiskTier
+from kvtier.tiers import LocalTier
 from kvtier.tiers.memory import MemoryTier
 from kvtier.tiers.remote import Guarded
 
@@ -100,7 +101,7 @@ class Placement:
         self,
         ledger: Ledger,
         memory: MemoryTier,
-        disk: DiskTier | None,
+        disk: LocalTier | None,
         remotes: list[Guarded],
         stats: StoreStats,
     ) -> None:
@@ -235,6 +236,11 @@ class Placement:
             if hold.detached:
                 self.memory.release_slot(hold.offset)
 
+    @property
+    def held_slots(self) -> int:
+        """Memory slots some reader holds now."""
+        return len(self._holds)
+
     def expire_holds(self, now: float) -> int:
         """Frees detached slots whose readers' leases all ran out; returns how many."""
         stale = [h for h in self._holds.values() if h.detached and h.deadline <= now]
@@ -346,8 +352,18 @@ class Placement:
         if self.disk is None:
             return [False] * len(writes), remote_failures
         to_disk = [item for item, w in zip(items, writes, strict=True) if w.to_disk]
-        results = iter(self.disk.write(to_disk) if to_disk else [])
+        results = iter(self._write_disk(to_disk) if to_disk else [])
         return [next(results) if w.to_disk else False for w in writes], remote_failures
+
+    def _write_disk(self, items: list[tuple[BlockKey, Any, BlockMeta]]) -> list[bool]:
+        """The disk tier refuses what it cannot write itself; an error escaping it
+        still refuses the batch, never fails the put or stops the writer."""
+        assert self.disk is not None
+        try:
+            return self.disk.write(items)
+        except (OSError, StorageError) as exc:
+            log.warning("disk write of %d blocks failed: %s", len(items), exc)
+            return [False] * len(items)  # counted as write failures by the caller
 
     def finish_writes(
         self,

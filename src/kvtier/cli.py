@@ -11,6 +11,7 @@
     kvtier bench server         a node against raw sockets, memcpy, Redis and gRPC
     kvtier cluster ...          a cluster's status, settings and quotas (etcd)
     kvtier bench cluster        placement balance and movement, throughput, failure
+    kvtier chaos crash          SIGKILL a node mid-load, restart, verify every block
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -98,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.cluster.cli import register as register_cluster
 
     register_cluster(sub)
+    from kvtier.chaos.cli import register as register_chaos
+
+    register_chaos(sub)
 
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")

@@ -191,6 +191,10 @@ class StoreStats:
         promotions: Blocks copied up into memory after a lower-tier hit.
         demotions: Blocks written to disk because memory evicted them.
         dirty_blocks: Blocks in memory not yet written to the lower tiers.
+        open_reservations: Two-phase writes reserved and not yet committed or
+            aborted (0 when idle: a dead writer's run out).
+        held_slots: Memory slots some reader holds (0 when idle: a dead reader's
+            leases run out).
         group_bytes: Per tier, bytes held per quota group (the namespaces' tenants).
         group_blocks: Per tier, blocks held per quota group.
     """
@@ -205,6 +209,8 @@ class StoreStats:
     promotions: int = 0
     demotions: int = 0
     dirty_blocks: int = 0
+    open_reservations: int = 0
+    held_slots: int = 0
     group_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     group_blocks: dict[str, dict[str, int]] = field(default_factory=dict)
 

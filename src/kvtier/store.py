@@ -36,7 +36,7 @@ from kvtier.config import Config
 from kvtier.core.index import BlockIndex, BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.core.ledger import Ledger
-from kvtier.errors import LayoutError, StoreClosedError
+from kvtier.errors import LayoutError, StorageError, StoreClosedError
 from kvtier.layout import KVLayout, as_block_array, copy_block, writable_bytes
 from kvtier.results import (
     BlockInfo,
@@ -48,7 +48,7 @@ from kvtier.results import (
     StoreStats,
     TierStats,
 )
-from kvtier.tiers import open_tiers
+from kvtier.tiers import Tiers, open_tiers
 
 __all__ = ["TieredStore"]
 
@@ -69,10 +69,17 @@ class TieredStore:
     Args:
         config: The configuration; see ``docs/configuration.md``.
         clock: Source of the current Unix time (tests pass a fake one).
+        tiers: The tiers, opened already (``open_tiers(config)``, some of them
+            wrapped, as :mod:`kvtier.chaos.faults` does); default: what ``config``
+            asks for. The store closes them.
     """
 
     def __init__(
-        self, config: Config | None = None, *, clock: Callable[[], float] = time.time
+        self,
+        config: Config | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        tiers: Tiers | None = None,
     ) -> None:
         self.config = config = config or Config()
         self._clock = clock
@@ -80,7 +87,7 @@ class TieredStore:
         self._work = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._closed = False
-        self._memory, self._disk, self._remotes = open_tiers(config)
+        self._memory, self._disk, self._remotes = tiers or open_tiers(config)
         self._ledger = Ledger(BlockIndex(), accounts(config, self._disk is not None))
         self._index = self._ledger.index
         self._stats = StoreStats({name: TierStats(name) for name in self.tier_names})
@@ -474,8 +481,16 @@ class TieredStore:
 
     def _read_disk(self, key: BlockKey, out: Array) -> bool:
         assert self._disk is not None
-        if self._disk.read_into(key, out.data):
-            return True
+        try:
+            if self._disk.read_into(key, out.data):
+                return True
+        except (OSError, StorageError) as exc:
+            # The disk tier answers misses itself; an error escaping it still must
+            # not fail the get. The block stays indexed: the next read tries again.
+            log.warning("disk read of a block failed: %s", exc)
+            with self._lock:
+                self._stats.tiers["disk"].errors += 1
+            return False
         with self._lock:  # corrupt or gone: the disk tier quarantined it
             self._place.forget_disk_copy(key)
         return False
@@ -717,6 +732,8 @@ class TieredStore:
                 tier.num_blocks = len(account.policy)
             snapshot = StoreStats(**{**vars(self._stats), "tiers": tiers})
             snapshot.dirty_blocks = len(self._place.dirty)
+            snapshot.open_reservations = len(self._place.pending)
+            snapshot.held_slots = self._place.held_slots
             snapshot.group_bytes = {
                 LOCAL_TIERS[t]: usage for t, usage in enumerate(self._ledger.usage())
             }

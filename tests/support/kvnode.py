@@ -7,7 +7,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from typing import IO, Any
 
 import pytest
 
+from kvtier.chaos.node import NodeProcess as ChaosNode
+from kvtier.chaos.node import NodeSpec
 from kvtier.client import Client
 
 
@@ -79,29 +80,17 @@ def start_node(
     env: dict[str, str] | None = None,
     tls_ca: Path | None = None,
 ) -> NodeProcess:
-    port, http_port, grpc_port = free_port(), free_port(), free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "kvtier.cli",
-        "serve",
-        "--data-dir",
-        str(data_dir),
-        "--port",
-        str(port),
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        "--memory",
-        "256MiB",
-        "--set",
-        "disk.capacity_bytes=1GiB",
-    ]
-    for setting in settings:
-        args += ["--set", setting]
-    if token:
-        args += ["--token", token]
+    spec = NodeSpec(
+        data_dir,
+        memory="256MiB",
+        settings=("disk.capacity_bytes=1GiB", *settings),
+        token=token,
+        http=True,
+        grpc=True,
+    )
+    runner = ChaosNode(spec)  # only its ports and command line
+    port, http_port, grpc_port = runner.port, runner.http_port, runner.grpc_port
+    args = runner.args()
     log = open(data_dir.parent / f"node-{port}.log", "wb")  # noqa: SIM115 - the node owns it
     proc = subprocess.Popen(
         args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}

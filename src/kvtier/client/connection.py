@@ -85,6 +85,7 @@ class Connection:
 
         Raises:
             ConnectionLostError: The node cannot be reached.
+            RequestTimeoutError: It accepted the connection but did not answer.
             AuthenticationError: The node refused the token.
         """
         try:
@@ -97,6 +98,11 @@ class Connection:
             conn = cls(channel, hello)
             if want_arena:
                 conn.arena_fd = await asyncio.wait_for(_fetch_arena(channel), timeout)
+        except TimeoutError as exc:
+            channel.close()
+            raise RequestTimeoutError(
+                f"{target!r} accepted but did not answer HELLO in {timeout} s"
+            ) from exc
         except BaseException:
             channel.close()
             raise
@@ -135,7 +141,7 @@ class Connection:
                 await self.channel.send([frame, *payload])
             except ConnectionLostError as exc:
                 self._fail(exc)
-                waiting.future.exception()  # raised here instead; mark it retrieved
+                _retrieved(waiting.future)  # raised here instead
                 raise
         try:
             async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
@@ -143,6 +149,7 @@ class Connection:
         except TimeoutError:
             error = RequestTimeoutError(f"no answer to {op.name} in {timeout} s")
             self._fail(error)  # a reply may be half read: the stream is out of step
+            _retrieved(waiting.future)
             raise error from None
 
     async def post(self, op: Op, body: dict[str, Any]) -> None:
@@ -169,7 +176,11 @@ class Connection:
         while not future.done():
             async with self._read_lock:
                 if not future.done():
-                    await self._read_one()
+                    try:
+                        await self._read_one()
+                    except ConnectionLostError:
+                        _retrieved(future)  # failed with the rest; raised from here
+                        raise
         return future.result()
 
     async def _read_one(self) -> None:
@@ -220,8 +231,17 @@ class Connection:
 
 
 def _log_failure(future: asyncio.Future[dict[str, Any]]) -> None:
+    # Only releases are posted, and a release that fails is harmless: the node ends a
+    # connection's leases when it closes, and every lease at its deadline.
     if not future.cancelled() and future.exception() is not None:
-        log.warning("a request without a waiter failed: %s", future.exception())
+        log.debug("a request without a waiter failed: %s", future.exception())
+
+
+def _retrieved(future: asyncio.Future[dict[str, Any]]) -> None:
+    """Marks a failed future's exception as seen (its error is raised elsewhere), so
+    asyncio does not log it as never retrieved."""
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 def _set(

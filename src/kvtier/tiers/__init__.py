@@ -6,12 +6,42 @@ with the key, sizes, codec, expiry and a checksum, then the payload.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
 from kvtier.config import Config
-from kvtier.tiers.disk import DiskTier
+from kvtier.core.index import BlockMeta
+from kvtier.core.keys import BlockKey
+from kvtier.tiers.disk import DiskStats, DiskTier
 from kvtier.tiers.memory import MemoryTier
 from kvtier.tiers.remote import Guarded, open_remote
 
-__all__ = ["DiskTier", "MemoryTier", "open_tiers"]
+__all__ = ["DiskTier", "LocalTier", "MemoryTier", "Tiers", "open_tiers"]
+
+
+class LocalTier(Protocol):
+    """What the store needs of its disk tier: a :class:`DiskTier`, or a wrapper of
+    one (:class:`kvtier.chaos.faults.FaultyTier` injects faults into it)."""
+
+    def write(self, items: Sequence[tuple[BlockKey, Any, BlockMeta]]) -> list[bool]:
+        """Stores blocks; per item whether it is stored."""
+
+    def read_into(self, key: BlockKey, out: Any, now: float | None = None) -> bool:
+        """Reads a verified block into ``out``; ``False`` on a miss."""
+
+    def delete(self, keys: Iterable[BlockKey]) -> int:
+        """Removes blocks; how many were stored."""
+
+    def entries(self) -> Iterator[tuple[BlockKey, BlockMeta]]:
+        """Every block with its meta, oldest write first."""
+
+    def stats(self) -> DiskStats: ...
+
+    def close(self) -> None: ...
+
+
+Tiers = tuple[MemoryTier, LocalTier | None, list[Guarded]]
+"""Memory, the disk tier (if any), and the remote tiers, in order."""
 
 
 def open_tiers(config: Config) -> tuple[MemoryTier, DiskTier | None, list[Guarded]]:

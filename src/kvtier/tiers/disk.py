@@ -223,6 +223,15 @@ class DiskTier:
             loc = self._index.locs.get(key)
         return None if loc is None or loc.expire_at <= now else loc.meta()
 
+    def locate(self, key: BlockKey) -> tuple[Path, int, int] | None:
+        """Where a block's record lives: segment file, offset, record bytes."""
+        with self._lock:
+            self._check_open()
+            loc = self._index.locs.get(key)
+        if loc is None:
+            return None
+        return self._log.path_of(loc.segment_id), loc.offset, loc.record_bytes
+
     def entries(self) -> Iterator[tuple[BlockKey, BlockMeta]]:
         """Every block with its meta, oldest write first (a snapshot).
 

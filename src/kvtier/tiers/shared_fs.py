@@ -289,6 +289,15 @@ class SharedFSTier:
         path = self._dir.block_path(key)
         return self._guarded(path, key, _meta_of, key, now)
 
+    def locate(self, key: BlockKey) -> tuple[Path, int, int] | None:
+        """Where a block's record lives: its file, offset 0, the file's bytes."""
+        self._check_open()
+        path = self._dir.block_path(key)
+        try:
+            return Path(path), 0, os.stat(path).st_size
+        except OSError:
+            return None
+
     def delete(self, keys: Sequence[BlockKey]) -> int:
         """Deletes blocks; returns how many files this call removed."""
         self._check_open()
