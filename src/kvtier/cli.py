@@ -4,7 +4,7 @@
     kvtier put/get/ls/rm/stats  talk to a node (--server ADDR)
     kvtier info                 configuration, tiers and their usage
     kvtier config               the resolved configuration (YAML), or --markdown docs
-    kvtier check [--fix]        audit the disk tier's index against its segment files
+    kvtier check [--fix]        audit a stopped node's data offline, and repair it
     kvtier bench store          the embedded store against same-run baselines
     kvtier route                KV-aware router for inference pods (kvtier.router.cli)
     kvtier bench route          event ingestion, route latency, index memory
@@ -12,6 +12,7 @@
     kvtier cluster ...          a cluster's status, settings and quotas (etcd)
     kvtier bench cluster        placement balance and movement, throughput, failure
     kvtier chaos crash          SIGKILL a node mid-load, restart, verify every block
+    kvtier bench soak           64 clients mixing match / get / put, leaks and RSS
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -88,9 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     config.set_defaults(run=_cmd_config)
 
     check = sub.add_parser(
-        "check", parents=[common], help="audit the disk tier (index vs segment files)"
+        "check",
+        parents=[common],
+        help="audit a stopped node's data offline: disk index vs segment files, "
+        "every record's checksum, shared directories",
     )
-    check.add_argument("--fix", action="store_true", help="drop what fails the audit")
+    check.add_argument(
+        "--fix",
+        action="store_true",
+        help="repair: rebuild a broken index, drop bad rows, quarantine bad files",
+    )
     check.set_defaults(run=_cmd_check)
 
     from kvtier.server.cli import register as register_server
@@ -119,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.bench.cluster import register as register_bench_cluster
 
     register_bench_cluster(bench_sub)
+    from kvtier.bench.soak import register as register_bench_soak
+
+    register_bench_soak(bench_sub)
     from kvtier.router.cli import register as register_router
 
     register_router(sub, bench_sub, common, _load)
@@ -178,12 +189,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from kvtier.tiers.disk import DiskTier
+    from kvtier.tiers.audit import audit_data_dir
 
-    config = _load(args)
-    with DiskTier(config.disk_path, capacity_bytes=config.disk.capacity_bytes) as tier:
-        report = tier.check(fix=args.fix)
-    print(json.dumps(jsonable(report), indent=2))
+    report = audit_data_dir(_load(args), fix=args.fix)
+    print(json.dumps({"ok": report.ok, **jsonable(report)}, indent=2))
     return 0 if args.fix or report.ok else 1
 
 

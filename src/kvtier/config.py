@@ -374,6 +374,13 @@ class ServerConfig:
         "the KVTIER_SERVER_AUTH_TOKEN environment variable to a file.",
         "",
     )
+    tenant_tokens: dict[str, str] = _doc(
+        "Per-tenant tokens {tenant: token}: a client holding one sees only its "
+        "tenant's blocks (the node scopes its keys, forces its quota group, and "
+        "refuses it listings, status and the shared-memory path). Needs "
+        "auth_token, which stays the operators' token that sees everything.",
+        {},
+    )
     tls_cert: str = _doc("PEM certificate: serve TCP and gRPC over TLS.", "")
     tls_key: str = _doc("PEM private key of tls_cert.", "")
     shared_memory: bool = _doc(
@@ -384,6 +391,17 @@ class ServerConfig:
         4 * GiB,
     )
     max_connections: int = _doc("Most client connections served at once.", 1024)
+    hello_timeout: float = _doc(
+        "Seconds a new connection has to authenticate (HELLO) before it is closed, "
+        "so idle strangers cannot hold every connection slot.",
+        10.0,
+    )
+    max_keys_per_request: int = _doc(
+        "Most keys one request may name (protocol, HTTP and gRPC alike).", 65536
+    )
+    max_open_per_connection: int = _doc(
+        "Most reservations and leases one connection may hold open at once.", 1024
+    )
     drain_seconds: float = _doc(
         "On SIGTERM, how long in-flight requests get to finish.", 10.0
     )
@@ -400,6 +418,31 @@ class ServerConfig:
         _check_positive("server.max_payload_bytes", self.max_payload_bytes)
         _check_positive("server.max_connections", self.max_connections)
         _check_non_negative("server.drain_seconds", self.drain_seconds)
+        _check_positive("server.hello_timeout", self.hello_timeout)
+        _check_positive("server.max_keys_per_request", self.max_keys_per_request)
+        _check_positive("server.max_open_per_connection", self.max_open_per_connection)
+        self._check_tenant_tokens()
+
+    def _check_tenant_tokens(self) -> None:
+        if not self.tenant_tokens:
+            return
+        if not self.auth_token:
+            raise ConfigError(
+                "server.tenant_tokens needs server.auth_token (the operators' token); "
+                "without it anyone would be an operator"
+            )
+        tokens = list(self.tenant_tokens.values())
+        for tenant, token in self.tenant_tokens.items():
+            if not tenant or not token:
+                raise ConfigError(
+                    "server.tenant_tokens maps non-empty tenant names to non-empty "
+                    f"tokens, got {tenant!r}: {'***' if token else repr(token)}"
+                )
+        if len(set(tokens)) != len(tokens) or self.auth_token in tokens:
+            raise ConfigError(
+                "server.tenant_tokens: every tenant needs its own token, different "
+                "from server.auth_token"
+            )
 
 
 @dataclass(frozen=True)
@@ -695,7 +738,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 def _coerce_dict(value_type: Any, value: Any, key: str) -> dict[str, Any]:
     if isinstance(value, str):
-        value = yaml.safe_load(value) or {}
+        try:
+            value = yaml.safe_load(value) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key} must be a YAML mapping, got {value!r}") from exc
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key} must be a mapping, got {value!r}")
     if isinstance(value_type, type) and dataclasses.is_dataclass(value_type):

@@ -155,6 +155,6 @@ def test_key_chain_slices_keep_parents_and_namespace() -> None:
     assert tail.namespace is NS
     assert list(tail) == [chain[2], chain[3]]
     assert tail.parents() == [chain[1], chain[2]]
-    assert chain[:0].parents() == [None]  # an empty slice still answers
+    assert chain[:0].parents() == []  # one parent per key, so none for no key
     with pytest.raises(KeyFormatError, match="step 1"):
         chain[::2]

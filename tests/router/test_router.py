@@ -47,10 +47,14 @@ class FakeStore:
         pass
 
 
-def make_router(store: FakeStore | None = None, **kwargs: object) -> Router:
+def make_router(
+    store: FakeStore | None = None, tokenizer: str = "", **kwargs: object
+) -> Router:
     config = RouterConfig(
         block_tokens=BLOCK_TOKENS,
-        models={MODEL: RouterModelConfig(layout_id="L1", tenant="t")},
+        models={
+            MODEL: RouterModelConfig(layout_id="L1", tenant="t", tokenizer=tokenizer)
+        },
         **kwargs,  # type: ignore[arg-type]
     )
     router = Router(config, store, clock=Clock())
@@ -197,7 +201,7 @@ def test_without_a_tokenizer_package_the_error_says_what_to_install(
     monkeypatch.setitem(sys.modules, "transformers", None)
     load_tokenizer.cache_clear()
     with pytest.raises(RouteError, match="install the 'tokenizers' or 'transformers'"):
-        route(make_router(), text="hello", tokenizer="some/model")
+        route(make_router(tokenizer="some/model"), text="hello", tokenizer="some/model")
 
 
 def test_text_is_tokenized_with_a_local_tokenizer_json(
@@ -220,8 +224,33 @@ def test_text_is_tokenized_with_a_local_tokenizer_json(
     load_tokenizer.cache_clear()
     (tmp_path / "tokenizer.json").write_text('{"model": "chars"}')
     text = "".join(chr(t) for t in PROMPT)
-    router = make_router()
+    router = make_router(tokenizer=str(tmp_path))
     feed(router, "b", PROMPT)
     result = route(router, text=text, tokenizer=str(tmp_path))
     assert (result.pods[0].pod_id, result.pods[0].prefix_blocks) == ("b", 4)
+    assert route(router, text=text).pods[0].prefix_blocks == 4  # the model's own
+    load_tokenizer.cache_clear()
+
+
+def test_a_request_cannot_make_the_router_open_a_path_of_its_choosing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    opened: list[str] = []
+
+    class Tokenizer:
+        @staticmethod
+        def from_file(path: str) -> Tokenizer:
+            opened.append(path)
+            return Tokenizer()
+
+    monkeypatch.setitem(
+        sys.modules, "tokenizers", types.SimpleNamespace(Tokenizer=Tokenizer)
+    )
+    load_tokenizer.cache_clear()
+    secret = tmp_path / "tokenizer.json"
+    secret.write_text("{}")
+    for name in (str(secret), str(tmp_path), "/etc/passwd", "../../etc"):
+        with pytest.raises(RouteError, match="is not configured"):
+            route(make_router(), text="hello", tokenizer=name)
+    assert opened == []
     load_tokenizer.cache_clear()

@@ -12,12 +12,13 @@ import textwrap
 import time
 import uuid
 
-import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvnode import NodeProcess, wait_until
+from kvwire import closed_by_peer, read_frame
+from kvwire import hello as say_hello
 
 from kvtier import Namespace, block_keys
 from kvtier import protocol as proto
@@ -27,39 +28,9 @@ from kvtier.protocol import Kind, Op
 def raw_connect(node: NodeProcess, hello: bool = True) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
     if hello:
-        sock.sendall(
-            proto.encode_frame(
-                Kind.REQUEST, Op.HELLO, 1, {"version": 1, "token": node.token or ""}
-            )
-        )
-        kind, _body = read_frame(sock)
+        kind, _body = say_hello(sock, node.token)
         assert kind == Kind.REPLY
     return sock
-
-
-def read_frame(sock: socket.socket) -> tuple[int, dict[str, object]]:
-    header = recv_exact(sock, proto.HEADER.size)
-    _magic, _v, kind, _op, _f, _rid, body_len, payload = proto.HEADER.unpack(header)
-    body = msgpack.unpackb(recv_exact(sock, body_len)) if body_len else {}
-    recv_exact(sock, payload)
-    return kind, body
-
-
-def recv_exact(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 def still_serving(node: NodeProcess) -> None:

@@ -108,10 +108,10 @@ def start_node(
             with node.client(
                 shared_memory=False, timeout=2, retries=0, tls=tls
             ) as client:
-                client.ping()
-            return True
+                # ready, not only answering: a cluster node serves before it joins
+                return bool(client.stats()["ready"])
         except Exception:
             return False
 
-    wait_until(answers, 30, "the node to answer")
+    wait_until(answers, 30, "the node to be ready")
     return node

@@ -372,14 +372,13 @@ def _verify_restart(
 
 def _audit(node: NodeProcess, report: CrashReport, cycle: int) -> None:
     """The offline audit of the killed node's data directory finds nothing wrong."""
-    from kvtier.tiers.disk import DiskTier
+    from kvtier.tiers.audit import audit_data_dir
 
     config = Config().replace({"store.data_dir": str(node.spec.data_dir)})
-    with DiskTier(config.disk_path, capacity_bytes=1 << 40) as tier:
-        result = tier.check()
-    report.records_audited += result.num_checked
-    for key, reason in result.bad_blocks:
-        _violation(report, f"cycle {cycle}: audit: block {key}: {reason}")
+    for tier in audit_data_dir(config).tiers:
+        report.records_audited += tier.num_checked
+        for problem in tier.problems:
+            _violation(report, f"cycle {cycle}: audit: {problem}")
 
 
 _VIOLATIONS_KEPT = 50

@@ -220,7 +220,7 @@ class KeyChain(Sequence[BlockKey]):
         """The parent of each key: ``parent`` for the first, the previous key after."""
         if self._parents is not None:
             return list(self._parents)
-        if not self.chained:
+        if not self.chained or not self._keys:
             return [None] * len(self._keys)
         return [self.parent, *self._keys[:-1]]
 

@@ -17,7 +17,6 @@ Errors answer ``{"error": "..."}`` with 400 (bad request), 404 (no such pod) or 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -129,7 +128,7 @@ def _token_ids(body: dict[str, Any]) -> Any:
         return _field(body, "token_ids", list, None)
     try:
         raw = base64.b64decode(packed, validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or characters outside ASCII
         raise RouteError(f"token_ids_b64 is not base64: {exc}") from exc
     if len(raw) % 4:
         raise RouteError("token_ids_b64 must hold 4 bytes per token (uint32 LE)")

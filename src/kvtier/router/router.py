@@ -307,6 +307,15 @@ class Router:
             raise RouteError("a route request needs token_ids or text")
         settings = self.config.models.get(request.model)
         name = request.tokenizer or (settings.tokenizer if settings else "")
+        configured = {m.tokenizer for m in self.config.models.values()}
+        if request.tokenizer and request.tokenizer not in configured:
+            # A request may pick among the configured tokenizers, never name a path
+            # on this machine: that would let any caller make the router open (and
+            # keep in memory) files of its choosing, and tell which ones exist.
+            raise RouteError(
+                f"tokenizer {request.tokenizer!r} is not configured: a request may "
+                "name only a router.models.<model>.tokenizer"
+            )
         if not name:
             raise RouteError(
                 f"text needs a tokenizer: pass 'tokenizer', or set "

@@ -4,8 +4,10 @@ The API is the store API of seed 001 (StoreKVCache, RetrieveKVCache, DeleteKVCac
 ListKVCacheKeys) plus MatchPrefix; ``_grpc/kvcache.proto`` documents each call. It runs
 on grpc.aio in the node's event loop; calls that copy or may touch a disk run in a
 worker thread. Bad arguments fail with INVALID_ARGUMENT and a message; a missing or
-wrong token with UNAUTHENTICATED. Messages may be as large as
-``server.max_payload_bytes`` (capped at gRPC's 2 GiB).
+wrong token with UNAUTHENTICATED. A tenant's token (``server.tenant_tokens``) works on
+its own blocks only (:mod:`kvtier.server.tenants`); listing answers it
+PERMISSION_DENIED. Messages may be as large as ``server.max_payload_bytes`` (capped at
+gRPC's 2 GiB).
 
 Regenerate the stubs after editing the .proto::
 
@@ -16,7 +18,6 @@ Regenerate the stubs after editing the .proto::
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,6 +27,7 @@ import xxhash
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.server._grpc import kvcache_pb2 as pb
 from kvtier.server._grpc import kvcache_pb2_grpc as pb_grpc
+from kvtier.server.tenants import Caller, identify, scope_keys
 
 if TYPE_CHECKING:
     from kvtier.server.node import Node
@@ -74,16 +76,17 @@ class KVCacheService(pb_grpc.KVCacheServiceServicer):
     async def StoreKVCache(  # noqa: N802 - names come from the .proto
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await self._authorize(context)
-        keys = [await _key(b.key, b.name, context) for b in request.blocks]
-        parent = BlockKey(request.parent) if request.parent else None
+        caller = await self._authorize(context)
+        names = [await _key(b.key, b.name, context) for b in request.blocks]
+        keys = await self._scoped(caller, names, context)
+        parent = request.parent or None
         if parent is not None and len(parent) != 16:
             await _invalid(context, "parent must be a 16-byte key")
         chain = KeyChain(
             keys,
             None,
-            parent,
-            group=request.group or None,
+            scope_keys(caller, [parent])[0] if parent else None,
+            group=caller.tenant or request.group or None,
             chained=not request.unchained,
         )
         blocks = [b.data for b in request.blocks]
@@ -95,27 +98,34 @@ class KVCacheService(pb_grpc.KVCacheServiceServicer):
     async def RetrieveKVCache(  # noqa: N802
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await self._authorize(context)
-        keys = await _keys(request.keys, request.names, context)
+        caller = await self._authorize(context)
+        named = await _keys(request.keys, request.names, context)
+        keys = await self._scoped(caller, named, context)
         arrays = await asyncio.to_thread(self.store.get, keys)
         blocks = [
             pb.Block(key=key, data=arr.tobytes())
-            for key, arr in zip(keys, arrays, strict=False)
+            for key, arr in zip(named, arrays, strict=False)
         ]
         return pb.RetrieveKVCacheResponse(blocks=blocks)
 
     async def DeleteKVCache(  # noqa: N802
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await self._authorize(context)
-        keys = await _keys(request.keys, request.names, context)
+        caller = await self._authorize(context)
+        named = await _keys(request.keys, request.names, context)
+        keys = await self._scoped(caller, named, context)
         removed = await asyncio.to_thread(self.store.delete, keys)
         return pb.DeleteKVCacheResponse(removed=removed)
 
     async def ListKVCacheKeys(  # noqa: N802
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await self._authorize(context)
+        caller = await self._authorize(context)
+        if not caller.is_operator:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "listing needs the operators' token, not a tenant's",
+            )
         infos = self.store.list(request.group or None, request.limit or 1000)
         return pb.ListKVCacheKeysResponse(
             keys=[
@@ -133,22 +143,36 @@ class KVCacheService(pb_grpc.KVCacheServiceServicer):
     async def MatchPrefix(  # noqa: N802
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        await self._authorize(context)
-        keys = await _keys(request.keys, [], context)
+        caller = await self._authorize(context)
+        keys = await self._scoped(
+            caller, await _keys(request.keys, [], context), context
+        )
         match = self.store.match(keys, window=request.window or None)
         return pb.MatchPrefixResponse(num_blocks=match.num_blocks, tiers=match.tiers)
 
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        token = self.node.config.server.auth_token
-        if not token:
-            return
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", ""))
-        if not hmac.compare_digest(given, f"Bearer {token}"):
+        scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+        caller = identify(self.node.config.server, token if scheme == "Bearer" else "")
+        if caller is None:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "send metadata authorization: Bearer <the node's token>",
             )
+            raise AssertionError("abort raises")  # pragma: no cover
+        return caller
+
+    async def _scoped(
+        self,
+        caller: Caller,
+        keys: Sequence[BlockKey],
+        context: grpc.aio.ServicerContext,
+    ) -> list[BlockKey]:
+        """At most max_keys_per_request keys, as the store knows them for caller."""
+        most = self.node.config.server.max_keys_per_request
+        if len(keys) > most:
+            await _invalid(context, f"{len(keys)} keys is over {most} per request")
+        return scope_keys(caller, keys)
 
 
 async def _invalid(context: grpc.aio.ServicerContext, message: str) -> NoReturn:

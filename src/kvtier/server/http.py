@@ -13,13 +13,14 @@
 | GET | /openapi.json | this API as OpenAPI 3 | no |
 
 With ``server.auth_token`` set, "token" routes need ``Authorization: Bearer <token>``
-(401 otherwise); health and readiness stay open for orchestrators' probes. Bad requests
-get 400 with ``{"error": message}``.
+(401 otherwise); health and readiness stay open for orchestrators' probes. A tenant's
+token (``server.tenant_tokens``) opens ``/v1/match`` and ``/v1/contains`` only, over
+its own blocks (:mod:`kvtier.server.tenants`); the other routes answer it 403. Bad
+requests get 400 with ``{"error": message}``.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import ssl
 from importlib import resources
@@ -30,15 +31,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvtier.core.keys import BlockKey
 from kvtier.results import jsonable
+from kvtier.server.tenants import OPERATOR, Caller, identify, scope_keys
 
 if TYPE_CHECKING:
     from kvtier.server.node import Node
 
 __all__ = ["build_app", "start_http"]
 
-_MAX_KEYS = 100_000
 _DEFAULT_LIMIT = 1000
+_MAX_LIMIT = 100_000
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)  # who sent it
 
 
 class _BadRequest(Exception):
@@ -71,15 +74,22 @@ async def start_http(
 
 
 _OPEN = {"/healthz", "/readyz", "/openapi.json"}
+_TENANT_ROUTES = {"/v1/match", "/v1/contains"}
 
 
 @web.middleware
 async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    token = request.app[NODE_KEY].config.server.auth_token
-    if token and request.path not in _OPEN:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given, f"Bearer {token}"):
+    caller = OPERATOR
+    if request.path not in _OPEN:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        server = request.app[NODE_KEY].config.server
+        found = identify(server, token if scheme == "Bearer" else "")
+        if found is None:
             return _error(401, "send Authorization: Bearer <the node's token>")
+        caller = found
+        if not caller.is_operator and request.path not in _TENANT_ROUTES:
+            return _error(403, f"{request.path} needs the operators' token")
+    request[CALLER] = caller
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -117,7 +127,7 @@ async def _status(request: web.Request) -> web.Response:
 
 async def _match(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    keys = _hex_keys(body)
+    keys = _hex_keys(request, body)
     window = body.get("window")
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise _BadRequest(f"window must be a positive int, got {window!r}")
@@ -126,7 +136,7 @@ async def _match(request: web.Request) -> web.Response:
 
 
 async def _contains(request: web.Request) -> web.Response:
-    keys = _hex_keys(await _json_body(request))
+    keys = _hex_keys(request, await _json_body(request))
     return web.json_response({"present": request.app[NODE_KEY].store.contains(keys)})
 
 
@@ -159,10 +169,12 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _hex_keys(body: dict[str, Any]) -> list[BlockKey]:
+def _hex_keys(request: web.Request, body: dict[str, Any]) -> list[BlockKey]:
+    """The body's keys, scoped to the caller (a tenant's are its own)."""
     keys = body.get("keys")
-    if not isinstance(keys, list) or len(keys) > _MAX_KEYS:
-        raise _BadRequest(f"keys must be a list of at most {_MAX_KEYS} hex keys")
+    most = request.app[NODE_KEY].config.server.max_keys_per_request
+    if not isinstance(keys, list) or len(keys) > most:
+        raise _BadRequest(f"keys must be a list of at most {most} hex keys")
     parsed = []
     for i, key in enumerate(keys):
         try:
@@ -171,8 +183,8 @@ def _hex_keys(body: dict[str, Any]) -> list[BlockKey]:
             raw = b""
         if len(raw) != 16:
             raise _BadRequest(f"keys[{i}] must be 32 hex digits, got {key!r}")
-        parsed.append(BlockKey(raw))
-    return parsed
+        parsed.append(raw)
+    return scope_keys(request[CALLER], parsed)
 
 
 def _int_param(request: web.Request, name: str, default: int) -> int:
@@ -183,6 +195,6 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
         value = int(raw)
     except ValueError as exc:
         raise _BadRequest(f"{name} must be an integer, got {raw!r}") from exc
-    if not 0 < value <= _MAX_KEYS:
-        raise _BadRequest(f"{name} must be in [1, {_MAX_KEYS}], got {value}")
+    if not 0 < value <= _MAX_LIMIT:
+        raise _BadRequest(f"{name} must be in [1, {_MAX_LIMIT}], got {value}")
     return value

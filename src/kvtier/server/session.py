@@ -15,7 +15,7 @@ backstop for a client that hangs without disconnecting).
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 import itertools
 import logging
 import time
@@ -25,9 +25,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kvtier import protocol as proto
 from kvtier._sockio import Channel, send_fd
 from kvtier.core.keys import BlockKey, KeyChain
-from kvtier.errors import ConnectionLostError, ProtocolError, RemoteError
+from kvtier.errors import (
+    ConnectionLostError,
+    KeyFormatError,
+    LayoutError,
+    NodeError,
+    ProtocolError,
+    RemoteError,
+)
 from kvtier.protocol import FrameHeader, Kind, Op
 from kvtier.results import BlockLease, Reservation
+from kvtier.server.tenants import OPERATOR, Caller, identify, scope_keys
 
 if TYPE_CHECKING:
     from kvtier.server.node import Node
@@ -51,7 +59,10 @@ class Session:
         self.channel = channel
         self.peer = peer
         self.local = local  # a Unix-socket client on this host: may map the arena
-        self.authenticated = not node.config.server.auth_token
+        self.limits = node.config.server
+        # Who the client is, once HELLO said (tenants.py); None: not yet known.
+        self.caller: Caller | None = None if self.limits.auth_token else OPERATOR
+        self.greeted = False  # HELLO went through
         self.reservations: dict[int, Reservation] = {}
         self.leases: dict[int, BlockLease] = {}
         self._lease_ids = itertools.count(1)
@@ -76,20 +87,27 @@ class Session:
 
     async def serve(self) -> None:
         header_buf = bytearray(proto.HEADER.size)
-        limit = self.node.config.server.max_payload_bytes
+        limit = self.limits.max_payload_bytes
         try:
             while True:
-                await self.channel.recv_into(header_buf)
-                try:
-                    header = FrameHeader.unpack(header_buf, limit)
-                except ProtocolError as exc:
-                    await self._send_error(0, 0, "bad_frame", str(exc))
-                    return  # the stream is out of step: hang up
-                body = bytearray(header.body_bytes)
-                await self.channel.recv_into(body)
+                # A stranger gets hello_timeout to authenticate: idle connections
+                # that never say HELLO must not hold every slot of max_connections.
+                async with asyncio.timeout(
+                    None if self.greeted else self.limits.hello_timeout
+                ):
+                    await self.channel.recv_into(header_buf)
+                    try:
+                        header = FrameHeader.unpack(header_buf, limit)
+                    except ProtocolError as exc:
+                        await self._send_error(0, 0, "bad_frame", str(exc))
+                        return  # the stream is out of step: hang up
+                    body = bytearray(header.body_bytes)
+                    await self.channel.recv_into(body)
                 await self._run(header, body)
         except ConnectionLostError:
             pass
+        except TimeoutError:
+            log.info("closing %s: no HELLO in time", self.peer)
         except ProtocolError as exc:
             log.info("closing %s: %s", self.peer, exc)
         finally:
@@ -107,7 +125,7 @@ class Session:
             handler = self._handlers.get(header.op)
             if handler is None:
                 raise RemoteError("unknown_op", f"operation {header.op} is not known")
-            if not self.authenticated and header.op != Op.HELLO:
+            if self.caller is None and header.op != Op.HELLO:
                 await self._send_error(
                     header.request_id,
                     header.op,
@@ -125,6 +143,20 @@ class Session:
             await self._send_error(
                 header.request_id, header.op, exc.code, str(exc).split(": ", 1)[-1]
             )
+        except (LayoutError, KeyFormatError) as exc:  # the store refused the input
+            await self._drain(remaining)
+            await self._send_error(
+                header.request_id, header.op, "bad_request", str(exc)
+            )
+        except NodeError:
+            raise  # the connection itself broke or is out of step: serve() ends it
+        except Exception as exc:
+            # A bug. Say so, and hang up: a payload may be half read.
+            log.exception("request %s from %s failed", header.op, self.peer)
+            await self._send_error(
+                header.request_id, header.op, "internal", f"{type(exc).__name__}"
+            )
+            raise ProtocolError(f"internal error: {exc!r}") from exc
         finally:
             self.node.metrics.observe_op(
                 header.op, time.perf_counter() - started, header.payload_bytes
@@ -177,9 +209,8 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
-        expected = self.node.config.server.auth_token
-        token = body.get("token") or ""
-        if expected and not hmac.compare_digest(str(token), expected):
+        caller = identify(self.limits, str(body.get("token") or ""))
+        if caller is None:
             await self._send_error(
                 header.request_id, header.op, "unauthorized", "wrong or missing token"
             )
@@ -187,8 +218,11 @@ class Session:
         version = body.get("version")
         if version != proto.VERSION:
             raise RemoteError("bad_request", f"protocol version {version!r} is not 1")
-        self.authenticated = True
-        await self._reply(header, self.node.hello_info())
+        self.caller, self.greeted = caller, True
+        info = self.node.hello_info()
+        if not caller.is_operator:
+            info["unix"] = ""  # the mapped arena holds every tenant's blocks
+        await self._reply(header, info)
 
     async def _ping(
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
@@ -200,6 +234,7 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
+        self._operators_only("the shared-memory path")
         fd = self.store.arena_fd
         if not self.local or fd is None or self.channel.sock is None:
             raise RemoteError("unavailable", "the arena is shared over the Unix socket")
@@ -247,7 +282,7 @@ class Session:
         """The leading stored blocks; with ``exact``, every stored one (size -1 marks
         a missing block, which has no bytes in the payload)."""
         self._no_payload(rest)
-        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        keys = self._keys(body)
         exact = body.get("exact", False) is True
         leases = []
         try:
@@ -270,7 +305,7 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
-        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        keys = self._keys(body)
         window = proto.field_optional(body, "window", int)
         if window is not None and window <= 0:
             raise RemoteError("bad_request", f"window must be positive, got {window}")
@@ -283,14 +318,14 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
-        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        keys = self._keys(body)
         await self._reply(header, {"present": self.store.contains(keys)})
 
     async def _delete(
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
-        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        keys = self._keys(body)
         removed = await self._off_loop(True, self.store.delete, keys)
         await self._reply(header, {"removed": removed})
 
@@ -298,6 +333,7 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
+        self._operators_only("LIST")
         group = proto.field_optional(body, "group", str)
         limit = proto.field_optional(body, "limit", int)
         infos = self.store.list(group, limit)
@@ -308,7 +344,7 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
-        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        keys = self._keys(body)
         in_memory = await asyncio.wrap_future(self.store.prefetch(keys))
         await self._reply(header, {"in_memory": in_memory})
 
@@ -316,6 +352,7 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
+        self._operators_only("STATS")
         await self._reply(header, self.node.status())
 
     # ------------------------------------------------------------- two-phase
@@ -331,6 +368,7 @@ class Session:
     ) -> None:
         self._no_payload(rest)
         self._need_local()
+        self._check_open_count()
         chain = self._chain(body)
         sizes = proto.field_sizes(body, len(chain))
         timeout = proto.field_optional(body, "timeout", (int, float))
@@ -374,7 +412,8 @@ class Session:
     ) -> None:
         self._no_payload(rest)
         self._need_local()
-        keys = [BlockKey(k) for k in proto.field_keys(body)]
+        self._check_open_count()
+        keys = self._keys(body)
         lease = await self._off_loop(
             self.store.lease_needs_io(keys), self.store.lease, keys
         )
@@ -394,6 +433,33 @@ class Session:
 
     # ------------------------------------------------------------- helpers
 
+    def _keys(self, body: dict[str, Any]) -> list[BlockKey]:
+        """The request's keys, at most max_keys_per_request, scoped to the caller."""
+        keys = proto.field_keys(body)
+        if len(keys) > self.limits.max_keys_per_request:
+            raise RemoteError(
+                "bad_request",
+                f"{len(keys)} keys is over server.max_keys_per_request="
+                f"{self.limits.max_keys_per_request}",
+            )
+        assert self.caller is not None, "authenticated before any keyed request"
+        return scope_keys(self.caller, keys)
+
+    def _operators_only(self, what: str) -> None:
+        if self.caller is not None and not self.caller.is_operator:
+            raise RemoteError(
+                "unauthorized", f"{what} needs the operators' token, not a tenant's"
+            )
+
+    def _check_open_count(self) -> None:
+        limit = self.limits.max_open_per_connection
+        if len(self.reservations) + len(self.leases) >= limit:
+            raise RemoteError(
+                "bad_request",
+                f"this connection holds server.max_open_per_connection={limit} "
+                "reservations and leases; commit, abort or release some first",
+            )
+
     @staticmethod
     def _take(table: dict[int, _T], item_id: int) -> _T:
         item = table.pop(item_id, None)
@@ -401,9 +467,9 @@ class Session:
             raise RemoteError("bad_request", f"no open reservation or lease {item_id}")
         return item
 
-    @staticmethod
-    def _chain(body: dict[str, Any]) -> KeyChain:
-        keys = [BlockKey(k) for k in proto.field_keys(body)]
+    def _chain(self, body: dict[str, Any]) -> KeyChain:
+        """A put's keys, parents and quota group: a tenant's are its own."""
+        keys = self._keys(body)
         parent = proto.field_optional(body, "parent", bytes)
         group = proto.field_optional(body, "group", str)
         chained = body.get("chained", True)
@@ -412,13 +478,17 @@ class Session:
         if parent is not None and len(parent) != 16:
             raise RemoteError("bad_request", "parent must be a 16-byte key")
         parents = body.get("parents")
+        assert self.caller is not None, "authenticated before any keyed request"
+        scope = functools.partial(scope_keys, self.caller)
+        if self.caller.tenant is not None:
+            group = self.caller.tenant
         return KeyChain(
             keys,
             None,
-            BlockKey(parent) if parent else None,
+            scope([parent])[0] if parent else None,
             group=group,
             chained=chained,
-            parents=None if parents is None else _parents(parents, len(keys)),
+            parents=None if parents is None else _parents(parents, len(keys), scope),
         )
 
     def _cleanup(self) -> None:
@@ -431,11 +501,13 @@ class Session:
         self.leases.clear()
 
 
-def _parents(parents: Any, count: int) -> list[BlockKey | None]:
+def _parents(
+    parents: Any, count: int, scope: Callable[[list[bytes]], list[BlockKey]]
+) -> list[BlockKey | None]:
     """A PUT's explicit per-key parents (a cluster scatters one prompt's blocks)."""
     if not isinstance(parents, list) or len(parents) != count:
         raise RemoteError("bad_request", f"parents must be a list of {count} keys")
     for i, parent in enumerate(parents):
         if parent is not None and (not isinstance(parent, bytes) or len(parent) != 16):
             raise RemoteError("bad_request", f"parents[{i}] must be 16 bytes or nil")
-    return [BlockKey(p) if p is not None else None for p in parents]
+    return [scope([p])[0] if p is not None else None for p in parents]

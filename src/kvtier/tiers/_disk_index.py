@@ -46,6 +46,8 @@ __all__ = [
     "DiskIndex",
     "Loc",
     "insert_row",
+    "lock_directory",
+    "open_index_db",
     "signed64",
 ]
 
@@ -112,7 +114,7 @@ class DiskIndex:
     """
 
     def __init__(self, root: Path, log: SegmentLog, *, fsync: bool) -> None:
-        self._lock_fd = _lock_directory(root)
+        self._lock_fd = lock_directory(root)
         try:
             self._db, self.created = _open_db(root / "index.sqlite3", fsync=fsync)
         except StorageError:
@@ -228,7 +230,12 @@ class CheckReport:
         )
 
 
-def _lock_directory(root: Path) -> int:
+def lock_directory(root: Path) -> int:
+    """``flock()`` s the tier directory's lock file; the fd holds it until closed.
+
+    Raises:
+        StorageError: Another tier (here or in another process) holds it.
+    """
     try:
         fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -241,6 +248,16 @@ def _lock_directory(root: Path) -> int:
             f"disk tier {root} is already open (here or in another process): {exc}"
         ) from exc
     return fd
+
+
+def open_index_db(db_path: Path, *, fsync: bool) -> sqlite3.Connection:
+    """Opens (creating if new) an index file without loading or locking it: for
+    rebuilding one (``_disk_rebuild.py``).
+
+    Raises:
+        StorageError: As :func:`_open_db`.
+    """
+    return _open_db(db_path, fsync=fsync)[0]
 
 
 def _open_db(db_path: Path, *, fsync: bool) -> tuple[sqlite3.Connection, bool]:

@@ -154,12 +154,7 @@ class SegmentLog:
         Raises:
             StorageError: The directory cannot be listed.
         """
-        found = []
-        for entry in list_dir(self.directory):
-            match = _SEGMENT_NAME.match(entry.name)
-            if match and entry.is_file():
-                found.append((int(match[1]), Path(entry.path)))
-        return sorted(found)
+        return segment_files(self.directory)
 
     def load(self, live: dict[int, int], *, adopt: bool) -> bool:
         """Takes over the files found, given the live bytes the index counts in each.
@@ -519,6 +514,20 @@ class SegmentLog:
                 raise StorageError(f"cannot flush {path}: {exc}") from exc
             finally:
                 os.close(fd)
+
+
+def segment_files(directory: Path) -> list[tuple[int, Path]]:
+    """``(segment id, path)`` of the segment files in ``directory``, by id.
+
+    Raises:
+        StorageError: The directory cannot be listed.
+    """
+    found = []
+    for entry in list_dir(directory):
+        match = _SEGMENT_NAME.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match[1]), Path(entry.path)))
+    return sorted(found)
 
 
 def clamp_segment_bytes(segment_bytes: int, capacity_bytes: int) -> int:

@@ -17,10 +17,12 @@ size, or whose header names another key, is corrupt (:func:`header_of`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -41,7 +43,14 @@ from kvtier.tiers._fsio import (
 )
 from kvtier.tiers._record import HEADER_BYTES, RecordHeader, decode_into
 
-__all__ = ["STALE_PART_S", "BlockDir", "expired", "header_of", "read_payload"]
+__all__ = [
+    "STALE_PART_S",
+    "BlockDir",
+    "expired",
+    "header_of",
+    "open_block",
+    "read_payload",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +168,9 @@ class BlockDir:
         if path != self.block_path(key):
             return "block file in the wrong directory"
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_block(path)
+        except CorruptBlockError as exc:
+            return str(exc)
         except OSError as exc:
             return None if is_gone(exc) else f"cannot open: {exc}"
         try:
@@ -187,15 +198,24 @@ class BlockDir:
                 yield key, path
 
     def scan_files(self) -> Iterator[str]:
-        """Paths of every file two levels under ``blocks/`` (raises as above)."""
+        """Paths of everything under ``blocks/`` that is not one of its two levels of
+        real directories (raises as above).
+
+        Links and FIFOs count: kvtier never writes them, so someone planted them, and
+        audits must set them aside. A link in place of a directory is never followed
+        (it could lead an audit's fix, or a sweep, to move or delete files anywhere):
+        it is listed itself, and moving it aside moves the link, not its target.
+        """
         for top in list_dir(self._blocks_dir):
-            if not top.is_dir():
+            if not top.is_dir(follow_symlinks=False):
+                yield top.path
                 continue
             for mid in list_dir(top.path):
-                if not mid.is_dir():
+                if not mid.is_dir(follow_symlinks=False):
+                    yield mid.path
                     continue
                 for entry in list_dir(mid.path):
-                    if entry.is_file(follow_symlinks=False):
+                    if not entry.is_dir(follow_symlinks=False):
                         yield entry.path
 
     def stale_parts(self, now: float) -> list[str]:
@@ -211,6 +231,35 @@ class BlockDir:
             if now - mtime > STALE_PART_S:
                 stale.append(entry.path)
         return stale
+
+
+_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_block(path: str) -> int:
+    """Opens a block file to read, never following a link nor waiting on a FIFO.
+
+    Any node sharing the directory could plant either: a link could lead reads (and
+    quarantine moves) out of the directory, and opening a FIFO waits for a writer
+    forever. kvtier only ever publishes regular files, so both are corrupt blocks.
+
+    Raises:
+        CorruptBlockError: ``path`` is a symbolic link or not a regular file.
+        OSError: It cannot be opened (absent, permissions, I/O).
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptBlockError(f"{path} is a symbolic link") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptBlockError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def header_of(fd: int, key: BlockKey) -> tuple[RecordHeader, os.stat_result]:

@@ -78,6 +78,7 @@ from kvtier.tiers._shared_dir import (
     BlockDir,
     expired,
     header_of,
+    open_block,
     read_payload,
 )
 
@@ -415,10 +416,16 @@ class SharedFSTier:
     ) -> T | None:
         """``fn(fd, ...)`` on the opened file; a miss (``None``) on any I/O error.
 
-        A :class:`CorruptBlockError` from ``fn`` quarantines the file.
+        A :class:`CorruptBlockError` from ``fn`` quarantines the file, and so does
+        a link or a non-regular file planted at ``path`` (:func:`open_block`).
         """
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_block(path)
+        except CorruptBlockError as exc:  # nothing kvtier wrote: set it aside
+            self._count(num_corrupt=1)
+            log.warning("shared_fs: %s; quarantining", exc)
+            self._dir.move_aside(path)
+            return None
         except OSError as exc:
             _log_unless_gone(exc, key)
             return None
