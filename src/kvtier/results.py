@@ -158,6 +158,7 @@ class TierStats:
         bytes_read: Bytes served from this tier.
         num_corrupt: Blocks that failed their checksum and were quarantined.
         write_failures: Writes the tier refused (full disk, I/O error).
+        compactions: For the disk tier, segments compacted since it was opened.
         healthy: For a remote tier, whether it answers (a failing one is skipped).
         errors: For a remote tier, calls that failed.
     """
@@ -173,6 +174,7 @@ class TierStats:
     bytes_read: int = 0
     num_corrupt: int = 0
     write_failures: int = 0
+    compactions: int = 0
     healthy: bool = True
     errors: int = 0
 

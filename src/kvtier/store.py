@@ -741,7 +741,9 @@ class TieredStore:
                 LOCAL_TIERS[t]: items for t, items in enumerate(self._ledger.items())
             }
         if self._disk is not None:
-            tiers["disk"].num_corrupt = self._disk.stats().num_corrupt
+            disk = self._disk.stats()
+            tiers["disk"].num_corrupt = disk.num_corrupt
+            tiers["disk"].compactions = disk.num_compactions
         for remote in self._remotes:
             tiers[remote.name].healthy = remote.healthy
             tiers[remote.name].errors = remote.errors

@@ -205,3 +205,20 @@ def test_a_wrapped_tier_serves_exactly_like_the_real_one(tmp_path: Path) -> None
     keys: list[BlockKey] = list(KEYS[:100])
     assert store.contains(keys) == [True] * 100
     store.close()
+
+
+def test_the_fault_harness_runs_every_phase_without_a_violation(
+    tmp_path: Path,
+) -> None:
+    """``kvtier chaos faults``, small: every fault on both tiers, then the network."""
+    from kvtier.chaos.faultrun import FAULTS, FaultRunConfig, run_faults
+
+    report = run_faults(
+        FaultRunConfig(blocks=40, network_s=2.0, directory=str(tmp_path))
+    )
+    assert report.violations == []
+    for tier in ("disk", "shared_fs"):
+        for fault in FAULTS:
+            assert report.injected[f"{tier}/{fault}"] > 0, (tier, fault)
+            assert report.recovered[f"{tier}/{fault}"] == 40, (tier, fault)
+    assert report.injected["network"] > 0 and report.recovered["network"] > 0

@@ -7,6 +7,7 @@ fault ends, requests go through again.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import uuid
@@ -118,7 +119,7 @@ def test_random_resets_under_load_never_serve_wrong_bytes(
 ) -> None:
     keys = chain(200)
     acked: set[int] = set()
-    errors = served = 0
+    served = 0
     stop = threading.Event()
     with ChaosProxy(chaos_node.address) as proxy:
 
@@ -132,7 +133,10 @@ def test_random_resets_under_load_never_serve_wrong_bytes(
         rng = random.Random(3)
         try:
             with Client(proxy.address, shared_memory=False, timeout=2) as client:
-                for _ in range(250):
+                for ops in itertools.count():  # until enough resets hit the load
+                    if ops >= 200 and proxy.counts["cuts"] >= 10:
+                        break
+                    assert ops < 50_000, "the cutter never cut"
                     i = rng.randrange(200)
                     try:
                         if rng.random() < 0.5:
@@ -143,11 +147,11 @@ def test_random_resets_under_load_never_serve_wrong_bytes(
                             assert exact(got, i), f"wrong bytes for block {i}"
                             served += len(got)
                     except NodeError:
-                        errors += 1
+                        pass  # a clear error is allowed; wrong bytes are not
         finally:
             stop.set()
             thread.join()
-        assert proxy.counts["cuts"] > 10 and acked and served
+        assert acked and served
         with Client(proxy.address, shared_memory=False) as client:
             for i in sorted(acked):
                 got = client.get(keys[i : i + 1])

@@ -24,12 +24,47 @@ def register(sub: Any) -> None:
     crash.add_argument("--dir", help="scratch directory (default: the system temp dir)")
     crash.add_argument("--json", action="store_true", help="end with one JSON object")
     crash.set_defaults(run=_crash)
+    faults = chaos_sub.add_parser(
+        "faults", help="EIO, ENOSPC, torn writes, latency, network faults; recovery"
+    )
+    faults.add_argument("--blocks", type=int, default=400, help="blocks per phase")
+    faults.add_argument("--seconds", type=float, default=20.0, help="network phase")
+    faults.add_argument("--seed", type=int, default=0, help="seeds faults and load")
+    faults.add_argument("--dir", help="scratch directory (default: the temp dir)")
+    faults.add_argument("--json", action="store_true", help="end with one JSON object")
+    faults.set_defaults(run=_faults)
+
+
+def _faults(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kvtier.chaos.faultrun import FaultRunConfig, run_faults
+
+    cfg = FaultRunConfig(args.blocks, args.seconds, args.seed, args.dir)
+    with Console(stderr=True).status("starting") as status:
+        report = run_faults(cfg, status.update)
+    return _print("kvtier chaos faults", report.figures(), report.violations, args.json)
+
+
+def _print(
+    title: str, figures: dict[str, float], violations: list[str], as_json: bool
+) -> int:
+    from kvtier.bench.report import print_figures
+
+    targets = {"violations": "0"}
+    print_figures(
+        title, [(k, f"{v:g}", targets.get(k, "")) for k, v in figures.items()]
+    )
+    for violation in violations:
+        print(f"violation: {violation}")
+    if as_json:
+        print(json.dumps(figures))
+    return 1 if violations else 0
 
 
 def _crash(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from kvtier.bench.report import print_figures
     from kvtier.chaos.crash import CrashConfig, run_crash
 
     cfg = CrashConfig(cycles=args.cycles, seed=args.seed, directory=args.dir)
@@ -37,14 +72,4 @@ def _crash(args: argparse.Namespace) -> int:
         report = run_crash(
             cfg, lambda cycle: status.update(f"cycle {cycle + 1} of {cfg.cycles}")
         )
-    figures = report.figures()
-    targets = {"violations": "0", "restart_median_s": "report"}
-    print_figures(
-        "kvtier chaos crash",
-        [(k, f"{v:g}", targets.get(k, "")) for k, v in figures.items()],
-    )
-    for violation in report.violations:
-        print(f"violation: {violation}")
-    if args.json:
-        print(json.dumps(figures))
-    return 1 if report.num_violations else 0
+    return _print("kvtier chaos crash", report.figures(), report.violations, args.json)
