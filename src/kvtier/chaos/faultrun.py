@@ -124,7 +124,7 @@ def _tier_phase(
         "memory.capacity_bytes": 64 * 16 * KiB,  # 64 blocks: reads go below
         "memory.slab_bytes": 64 * KiB,
         "disk.capacity_bytes": "256MiB",
-        "remote.retry_after": 0.05,
+        "remote.retry_after": 0.001,  # retried often: faults keep landing
     }
     if tier == "shared_fs":
         settings |= {"disk.enabled": False, "remote.urls": [f"file://{scratch}/shared"]}

@@ -116,9 +116,18 @@ class FaultyTier:
 
     def write(self, items: Sequence[tuple[BlockKey, Any, BlockMeta]]) -> list[bool]:
         self._before(write=True)
+        # Only a block this call writes can be torn by it: one stored already (a
+        # repeated put answers True without writing) is left alone.
+        inner: _Locatable = self.inner
+        tearable = {k for k, _, _ in items if self.plan.torn and not inner.locate(k)}
         stored: list[bool] = self.inner.write(items)
         for (key, _, _), ok in zip(items, stored, strict=True):
-            if ok and self._roll(self.plan.torn) and self._tear(key):
+            if (
+                ok
+                and key in tearable
+                and self._roll(self.plan.torn)
+                and self._tear(key)
+            ):
                 self._count("torn")
         return stored
 
