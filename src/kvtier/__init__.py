@@ -31,6 +31,7 @@ from kvtier.errors import (
     LayoutError,
     StorageError,
     StoreClosedError,
+    TraceFormatError,
 )
 from kvtier.layout import KVLayout, to_torch
 from kvtier.results import (
@@ -67,6 +68,7 @@ __all__ = [
     "StoreStats",
     "TierStats",
     "TieredStore",
+    "TraceFormatError",
     "__version__",
     "block_keys",
     "engine_keys",

@@ -10,6 +10,7 @@ callers that expect it::
     ├── ConfigError        (ValueError)  a config key has a value that is not allowed
     ├── LayoutError        (ValueError)  a block does not match its KV layout
     ├── KeyFormatError     (ValueError)  token ids or engine hashes that cannot be keys
+    ├── TraceFormatError   (ValueError)  a request trace line the simulator cannot read
     ├── StoreClosedError                 the store was used after close()
     └── StorageError                     a tier could not do its I/O
         └── CorruptBlockError            a stored block failed its checksum
@@ -31,6 +32,7 @@ __all__ = [
     "LayoutError",
     "StorageError",
     "StoreClosedError",
+    "TraceFormatError",
 ]
 
 
@@ -51,6 +53,18 @@ class LayoutError(KVTierError, ValueError):
 
 class KeyFormatError(KVTierError, ValueError):
     """Token ids or engine-computed hashes that cannot be turned into block keys."""
+
+
+class TraceFormatError(KVTierError, ValueError):
+    """A line of a request trace or access log is malformed.
+
+    The message names the file, the line number and what was wrong; the line's
+    number is also in ``line_number`` (0 when the error is not about one line).
+    """
+
+    def __init__(self, message: str, line_number: int = 0) -> None:
+        super().__init__(message)
+        self.line_number = line_number
 
 
 class StoreClosedError(KVTierError):
