@@ -3,7 +3,9 @@
     kvtier info                 configuration, tiers and their usage
     kvtier config               the resolved configuration (YAML), or --markdown docs
     kvtier check [--fix]        audit the disk tier's index against its segment files
+    kvtier replay TRACE         hit ratio per capacity and policy on a trace, vs MIN
     kvtier bench store          the embedded store against same-run baselines
+    kvtier bench replay         replay speed per policy, and MIN's time
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -24,8 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from kvtier import __version__
+from kvtier.bench.replay import register as register_bench_replay
 from kvtier.config import Config, load_config, render_markdown
 from kvtier.errors import ConfigError, KVTierError
+from kvtier.sim.cli import register as register_replay
 
 log = logging.getLogger("kvtier")
 
@@ -85,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--fix", action="store_true", help="drop what fails the audit")
     check.set_defaults(run=_cmd_check)
 
+    register_replay(sub, common)
+
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     store = bench_sub.add_parser(
@@ -95,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--dir", help="scratch directory (default: the system temp dir)")
     store.add_argument("--repeats", type=int, help="runs per figure (median reported)")
     store.set_defaults(run=_cmd_bench_store)
+    register_bench_replay(bench_sub, common)
     return parser
 
 

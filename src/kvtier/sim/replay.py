@@ -9,11 +9,11 @@ blocks (evicting as needed) before any of them is inserted, as
 
 Two engines share that flow and :class:`_Tally`'s accounting:
 
-* one tier (:class:`_OneTier`): the eviction policy alone, at exact capacity (the
+* one tier (:class:`OneTier`): the eviction policy alone, at exact capacity (the
   watermarks at 1.0). It is the policy's own ``in``/``touch``/``insert``/``evict``
   that decide, in a loop kept tight: LRU replays over a million block accesses a
   second (``kvtier bench replay``).
-* memory + disk (:class:`_TwoTier`): the store's :class:`~kvtier.core.ledger.Ledger`
+* memory + disk (:class:`TwoTier`): the store's :class:`~kvtier.core.ledger.Ledger`
   and :class:`~kvtier.core.index.BlockIndex`, with its watermarks; blocks evicted from
   memory are demoted to disk when not there yet, disk hits are promoted back, and
   the write policy says when new blocks reach disk (``write_back``: only on
@@ -43,7 +43,11 @@ __all__ = [
     "ReplayConfig",
     "ReplayResult",
     "Tally",
+    "OneTier",
+    "TwoTier",
     "default_policy",
+    "make_engine",
+    "new_result",
     "replay",
 ]
 
@@ -213,9 +217,7 @@ def replay(
     Raises:
         ConfigError: A policy name is unknown.
     """
-    engine: _OneTier | _TwoTier = (
-        _TwoTier(config) if config.tiered else _OneTier(config)
-    )
+    engine = make_engine(config)
     tally = Tally(new_result(trace, config, config.policy), _start(trace))
     for done, request in enumerate(trace.requests):
         hits, memory_hits = engine.serve(request.keys, request.timestamp_s)
@@ -225,6 +227,11 @@ def replay(
     result = tally.finish()
     result.blocks_written, result.evictions = engine.counts()
     return result
+
+
+def make_engine(config: ReplayConfig) -> OneTier | TwoTier:
+    """The engine that serves requests for ``config`` (see the module doc)."""
+    return TwoTier(config) if config.tiered else OneTier(config)
 
 
 def new_result(trace: Trace, config: ReplayConfig, policy: str) -> ReplayResult:
@@ -243,7 +250,7 @@ def _start(trace: Trace) -> float:
     return trace.requests[0].timestamp_s if trace.requests else 0.0
 
 
-class _OneTier:
+class OneTier:
     """One tier of ``capacity_blocks`` run by its policy alone; see the module doc."""
 
     def __init__(self, config: ReplayConfig) -> None:
@@ -295,7 +302,7 @@ class _OneTier:
         return {"memory": self.num_inserted}, {"memory": self.num_evicted}
 
 
-class _TwoTier:
+class TwoTier:
     """Memory (+ disk) through the store's ledger; see the module doc."""
 
     def __init__(self, config: ReplayConfig) -> None:
@@ -322,6 +329,10 @@ class _TwoTier:
         self.ledger = Ledger(BlockIndex(), accounts)
         self.written = [0] * len(accounts)
         self.evicted = [0] * len(accounts)
+
+    def match(self, keys: Sequence[BlockKey]) -> int:
+        """Leading blocks of ``keys`` stored in any tier (no side effects)."""
+        return self.ledger.index.match_prefix(keys, 0.0).num_blocks
 
     def serve(self, keys: Sequence[BlockKey], now: float) -> tuple[int, int]:
         ledger, index = self.ledger, self.ledger.index
