@@ -109,6 +109,10 @@ class ARCPolicy(TrackingPolicy[int]):
         """Whether ``key`` was hit since it entered (ARC's frequency list)."""
         return key in self._t2
 
+    def in_ghost(self, key: BlockKey) -> bool:
+        """Whether a ghost list (B1 or B2) remembers ``key`` as recently evicted."""
+        return key in self._b1 or key in self._b2
+
     @property
     def target(self) -> float:
         """How many keys the recency list T1 should hold now (the paper's ``p``)."""

@@ -135,6 +135,7 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         num_classes: Conversation access counts above this share the last class.
         refresh_accesses: Accesses between refreshes of the learned densities.
         decay: Weight the statistics keep at each refresh, in (0, 1].
+        horizon_scale: Multiplies the turnover time to give the horizon ``h``.
 
     Raises:
         ConfigError: An argument is out of range.
@@ -144,7 +145,9 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         "_decay",
         "_ghost",
         "_heaps",
+        "_horizon_scale",
         "_insert_rate",
+        "_num_heap_items",
         "_inserts_since",
         "_now",
         "_num_children",
@@ -161,13 +164,19 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
     _DEFAULT_HORIZON_S: ClassVar[float] = 60.0
 
     def __init__(
-        self, num_classes: int = 8, refresh_accesses: int = 8192, decay: float = 0.9
+        self,
+        num_classes: int = 8,
+        refresh_accesses: int = 8192,
+        decay: float = 0.9,
+        horizon_scale: float = 1.0,
     ) -> None:
-        _check_config(num_classes, refresh_accesses, decay)
+        _check_config(num_classes, refresh_accesses, decay, horizon_scale)
         super().__init__({})
         self._num_classes = num_classes
         self._refresh_accesses = refresh_accesses
         self._decay = decay
+        self._horizon_scale = horizon_scale
+        self._num_heap_items = 0
         self._num_children: dict[BlockKey, int] = {}
         # Per class: (oldest-first heap of (tick, key), youngest-first of (-tick, key)).
         self._heaps: list[tuple[list[tuple[int, BlockKey]], ...]] = [
@@ -240,6 +249,7 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         oldest, youngest = self._heaps[entry.cls]
         heapq.heappush(oldest, (entry.tick, key))
         heapq.heappush(youngest, (-entry.tick, key))
+        self._num_heap_items += 2
 
     def _count_insert(self, now: float) -> None:
         self._inserts_since += 1
@@ -260,13 +270,18 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         """How far ahead densities look: tracked keys over inserts per second."""
         if not self._insert_rate:
             return self._DEFAULT_HORIZON_S
-        return max(1.0, len(self._entries) / self._insert_rate)
+        turnover_s = len(self._entries) / self._insert_rate
+        return max(1.0, turnover_s * self._horizon_scale)
 
     def density(self, key: BlockKey, now: float) -> float:
         """The ranking of ``key`` at ``now``: lower is evicted first (diagnostics)."""
         entry = self._entries[key]
         bucket = age_bucket(now - entry.last_access)
         return self._stats.densities[entry.cls][bucket]
+
+    def in_ghost(self, key: BlockKey) -> bool:
+        """Whether ``key`` was evicted recently enough that its reuse would count."""
+        return key in self._ghost
 
     def remove(self, key: BlockKey) -> None:
         entry = self._entries.get(key)
@@ -292,8 +307,7 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
     def _maybe_rebuild(self) -> None:
         # Only outside eviction: a rebuild while _victims holds vetoed items out of the
         # heaps would queue them twice.
-        num_items = sum(len(old) + len(young) for old, young in self._heaps)
-        if num_items <= 6 * len(self._entries) + self._HEAP_SLACK:
+        if self._num_heap_items <= 6 * len(self._entries) + self._HEAP_SLACK:
             return
         self._heaps = [([], []) for _ in range(self._num_classes)]
         for key, entry in self._entries.items():
@@ -303,6 +317,7 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         for oldest, youngest in self._heaps:
             heapq.heapify(oldest)
             heapq.heapify(youngest)
+        self._num_heap_items = sum(len(old) + len(new) for old, new in self._heaps)
 
     # ---------------------------------------------------------------- eviction
 
@@ -326,6 +341,7 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
                     return
                 heap, key, entry = best
                 heapq.heappop(heap)
+                self._num_heap_items -= 1
                 self._forget(key, entry)
                 self._remember(key, entry)
                 yield key, entry.nbytes
@@ -342,6 +358,8 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         best: tuple[float, int, int] | None = None
         found: tuple[list[tuple[int, BlockKey]], BlockKey, _Entry] | None = None
         for cls, heaps in enumerate(self._heaps):
+            if not heaps[0]:
+                continue  # both heaps hold the same keys: empty together
             densities = self._stats.densities[cls]
             for young, heap in enumerate(heaps):
                 head = self._head(heap, cls, young, can_evict, vetoed, skipped)
@@ -374,6 +392,7 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
                 or key in self._num_children
             ):
                 heapq.heappop(heap)  # stale: gone, accessed since, or no leaf now
+                self._num_heap_items -= 1
                 continue
             if key in vetoed or (can_evict is not None and not can_evict(key)):
                 vetoed.add(key)
@@ -390,7 +409,9 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
             ghost.popitem(last=False)
 
 
-def _check_config(num_classes: int, refresh_accesses: int, decay: float) -> None:
+def _check_config(
+    num_classes: int, refresh_accesses: int, decay: float, horizon_scale: float
+) -> None:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if not isinstance(refresh_accesses, int) or refresh_accesses < 1:
@@ -399,3 +420,5 @@ def _check_config(num_classes: int, refresh_accesses: int, decay: float) -> None
         )
     if not (isinstance(decay, int | float) and 0 < decay <= 1):
         raise ConfigError(f"decay must be in (0, 1], got {decay!r}")
+    if not (isinstance(horizon_scale, int | float) and 0 < horizon_scale < math.inf):
+        raise ConfigError(f"horizon_scale must be a number > 0, got {horizon_scale!r}")
