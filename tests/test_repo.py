@@ -81,6 +81,8 @@ def test_every_command_has_help() -> None:
         ["--help"],
         ["info", "--help"],
         ["bench", "store", "--help"],
+        ["bench", "replay", "--help"],
+        ["replay", "--help"],
         ["check", "--help"],
         ["config", "--help"],
     ):

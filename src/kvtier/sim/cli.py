@@ -134,7 +134,7 @@ def run_replay(args: argparse.Namespace) -> int:
         window_s=args.window,
     )
     err = Console(stderr=True)
-    err.print(_describe(trace), highlight=False)
+    err.print(_describe(trace), highlight=False, soft_wrap=True)
     with _ProgressBar(err) as bar:
         swept = sweep(trace, capacities, policies, base, bar.update, not args.no_min)
         recs = recommend(trace, swept, args.target_hit_ratio, base)
@@ -190,7 +190,8 @@ def _print(
     clusters: dict[int, dict[str, ReplayResult]],
     num_nodes: int,
 ) -> None:
-    console = Console(file=sys.stdout)
+    # Tables keep their columns when piped to a file (rich would assume 80 columns).
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
     console.print(sweep_table(swept, default_policy()))
     console.print(recommendation_table(recs))
     for results in clusters.values():
