@@ -34,7 +34,11 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     with AccessLogWriter(path, block_tokens=16) as log:  # appends, no second header
         log.record(12.0, keys, 2)
     lines = path.read_text().splitlines()
-    assert json.loads(lines[0]) == {"kvtier_access_log": 1, "block_tokens": 16, "node": "n1"}
+    assert json.loads(lines[0]) == {
+        "kvtier_access_log": 1,
+        "block_tokens": 16,
+        "node": "n1",
+    }
     assert len(lines) == 4
     trace = read_trace(path)
     assert [r.recorded_hits for r in trace] == [1, 0, 2]

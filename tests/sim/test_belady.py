@@ -15,7 +15,14 @@ from kvtier.sim.trace import Trace
 
 
 def test_next_uses() -> None:
-    assert next_uses(trace_of("ab", "ac", "ab")) == [2, 5, 4, math.inf, math.inf, math.inf]
+    assert next_uses(trace_of("ab", "ac", "ab")) == [
+        2,
+        5,
+        4,
+        math.inf,
+        math.inf,
+        math.inf,
+    ]
 
 
 def test_min_keeps_what_comes_back_soonest() -> None:

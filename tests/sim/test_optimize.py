@@ -7,14 +7,16 @@ from simtraces import trace_of
 
 from kvtier.errors import ConfigError
 from kvtier.sim.optimize import knee, recommend, smallest_capacity, sweep
-from kvtier.sim.replay import replay, ReplayConfig
+from kvtier.sim.replay import ReplayConfig, replay
 from kvtier.sim.synth import synthetic_trace
 
 
 def test_sweep_results_and_json() -> None:
     trace = trace_of("ab", "cd", "ab", "cd", "ab")
     seen: list[tuple[str, int, int]] = []
-    swept = sweep(trace, [4, 2], ["lru", "leaf_lru"], progress=lambda *a: seen.append(a))
+    swept = sweep(
+        trace, [4, 2], ["lru", "leaf_lru"], progress=lambda *a: seen.append(a)
+    )
     assert swept.capacities == [2, 4]
     assert swept.results["lru"][2].hit_blocks == 0
     assert swept.bounds[2].hit_blocks == 4 and swept.bounds[4].hit_blocks == 6

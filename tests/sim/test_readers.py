@@ -20,7 +20,12 @@ def write_lines(path: Path, *objects: Any) -> Path:
 
 
 def mooncake(ts: int, tokens: int, ids: list[int]) -> dict[str, Any]:
-    return {"timestamp": ts, "input_length": tokens, "output_length": 5, "hash_ids": ids}
+    return {
+        "timestamp": ts,
+        "input_length": tokens,
+        "output_length": 5,
+        "hash_ids": ids,
+    }
 
 
 def test_mooncake_lines(tmp_path: Path) -> None:
@@ -41,7 +46,10 @@ def test_mooncake_errors_name_line_and_problem(tmp_path: Path) -> None:
         ("{not json", "not a JSON object"),
         ("[1, 2]", "expected a JSON object"),
         (mooncake(0, 600, [0]), "1 hash_ids for input_length 600"),
-        ({"timestamp": 0, "hash_ids": [1]}, "'input_length' must be a positive integer"),
+        (
+            {"timestamp": 0, "hash_ids": [1]},
+            "'input_length' must be a positive integer",
+        ),
         (mooncake(-5, 600, [0, 1]), "'timestamp' must be finite and >= 0"),
         (mooncake(0, 600, [0, "x"]), "non-negative integers"),
     ]

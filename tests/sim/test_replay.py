@@ -68,10 +68,14 @@ def serve_all(engine: object, trace: Trace) -> list[int]:
 @pytest.mark.parametrize("name", list(POLICIES))
 @settings(max_examples=60, deadline=None)
 @given(trace=chained_traces())
-def test_policy_alone_and_ledger_agree_at_exact_capacity(name: str, trace: Trace) -> None:
+def test_policy_alone_and_ledger_agree_at_exact_capacity(
+    name: str, trace: Trace
+) -> None:
     for capacity in (1, 3, 6):
         config = ReplayConfig(capacity, name, block_bytes=10)
-        assert serve_all(make_engine(config), trace) == serve_all(TwoTier(config), trace)
+        assert serve_all(make_engine(config), trace) == serve_all(
+            TwoTier(config), trace
+        )
 
 
 def test_write_back_writes_disk_only_on_demotion_and_promotes_hits() -> None:

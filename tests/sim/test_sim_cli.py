@@ -10,7 +10,9 @@ import pytest
 
 from kvtier.cli import main
 
-SHARED_TRACE = Path(__file__).resolve().parents[3] / "shared/traces/conversation_trace.jsonl"
+SHARED_TRACE = (
+    Path(__file__).resolve().parents[3] / "shared/traces/conversation_trace.jsonl"
+)
 
 
 def mooncake_file(path: Path) -> Path:
@@ -90,12 +92,20 @@ def test_bench_replay_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_TRACE.exists(), reason="needs ../shared/traces")
-def test_conversation_trace_fractions_of_min(capsys: pytest.CaptureFixture[str]) -> None:
+def test_conversation_trace_fractions_of_min(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     args = ["replay", str(SHARED_TRACE), "--policy", "lru,hit_density", "--json"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     lru = summary["policies"]["lru"]
     # The figures the issue quotes for plain LRU, reproduced.
-    assert [round(lru[c]["min_ratio"], 2) for c in lru] == [0.23, 0.32, 0.58, 0.78, 0.97]
+    assert [round(lru[c]["min_ratio"], 2) for c in lru] == [
+        0.23,
+        0.32,
+        0.58,
+        0.78,
+        0.97,
+    ]
     ours = summary["policies"]["hit_density"]
     assert all(ours[c]["min_ratio"] >= lru[c]["min_ratio"] for c in lru)

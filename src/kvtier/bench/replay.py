@@ -13,6 +13,7 @@ Each figure is the median of ``repeats`` runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -51,7 +52,9 @@ def register(
     parser.add_argument("--policy", default=",".join(DEFAULT_POLICIES))
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
-    parser.set_defaults(run=_run, format="auto", block_tokens=None, skip_bad_lines=False)
+    parser.set_defaults(
+        run=_run, format="auto", block_tokens=None, skip_bad_lines=False
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -77,9 +80,9 @@ def run_replay_bench(
     }
     for policy in policies:
         config = ReplayConfig(capacity, policy)
-        seconds = _median_s(lambda config=config: replay(trace, config), repeats)
+        seconds = _median_s(functools.partial(replay, trace, config), repeats)
         results[f"{policy}_accesses_per_s"] = trace.num_blocks / seconds
-    results["min_s"] = _median_s(lambda: belady(trace, capacity), repeats)
+    results["min_s"] = _median_s(functools.partial(belady, trace, capacity), repeats)
     return results
 
 
@@ -94,8 +97,8 @@ def _median_s(work: Callable[[], object], repeats: int) -> float:
 
 def _print(trace: Trace, capacity: int, results: dict[str, Any]) -> None:
     table = Table(
-        title=f"kvtier bench replay: {trace.name}, {trace.num_blocks:,} block accesses, "
-        f"{capacity:,} blocks (medians)"
+        title=f"kvtier bench replay: {trace.name}, {trace.num_blocks:,} block "
+        f"accesses, {capacity:,} blocks (medians)"
     )
     for column in ("figure", "value", "target"):
         table.add_column(column, justify="left" if column == "figure" else "right")

@@ -90,7 +90,9 @@ class AccessLogWriter:
             try:
                 self._write_line(line)
             except OSError as exc:
-                raise StorageError(f"cannot write access log {self.path}: {exc}") from exc
+                raise StorageError(
+                    f"cannot write access log {self.path}: {exc}"
+                ) from exc
 
     def _write_line(self, obj: dict[str, Any]) -> None:
         self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
@@ -129,7 +131,11 @@ def parse_access_line(obj: dict[str, Any], block_tokens: int) -> Request:
     except (TypeError, ValueError) as exc:
         raise TraceFormatError(f"'keys' must hold hex strings only ({exc})") from exc
     hits = obj.get("hits")
-    if isinstance(hits, bool) or not isinstance(hits, int) or not 0 <= hits <= len(keys):
+    if (
+        isinstance(hits, bool)
+        or not isinstance(hits, int)
+        or not 0 <= hits <= len(keys)
+    ):
         raise TraceFormatError(
             f"'hits' must be an integer in [0, {len(keys)}], got {hits!r}"
         )

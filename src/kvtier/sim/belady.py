@@ -70,7 +70,9 @@ def belady(
     return tally.finish()
 
 
-def _evict_furthest(resident: dict[BlockKey, float], heap: list[tuple[float, BlockKey]]) -> None:
+def _evict_furthest(
+    resident: dict[BlockKey, float], heap: list[tuple[float, BlockKey]]
+) -> None:
     while True:
         negative_use, key = heapq.heappop(heap)
         if resident.get(key) == -negative_use:  # else stale: used again since

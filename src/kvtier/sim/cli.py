@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from typing import Any
@@ -20,7 +21,12 @@ from kvtier.errors import ConfigError
 from kvtier.sim.cluster import ROUTINGS, replay_cluster
 from kvtier.sim.optimize import Sweep, recommend, sweep
 from kvtier.sim.readers import TRACE_FORMATS, read_trace
-from kvtier.sim.replay import DEFAULT_BLOCK_BYTES, ReplayConfig, ReplayResult, default_policy
+from kvtier.sim.replay import (
+    DEFAULT_BLOCK_BYTES,
+    ReplayConfig,
+    ReplayResult,
+    default_policy,
+)
 from kvtier.sim.report import (
     cluster_table,
     plot_sweep,
@@ -56,7 +62,9 @@ def register(
     )
     parser.add_argument("trace", metavar="TRACE", help="trace file or synthetic:NAME")
     parser.add_argument(
-        "--capacity", default=DEFAULT_CAPACITIES, help="capacities in blocks, comma separated"
+        "--capacity",
+        default=DEFAULT_CAPACITIES,
+        help="capacities in blocks, comma separated",
     )
     parser.add_argument(
         "--policy",
@@ -65,20 +73,54 @@ def register(
         f"the store's default is {default_policy()}",
     )
     parser.add_argument("--format", default="auto", choices=TRACE_FORMATS)
-    parser.add_argument("--block-tokens", type=int, help="tokens per block of the trace")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
-    parser.add_argument("--disk-capacity", type=int, default=0, help="blocks of a disk tier below memory")
-    parser.add_argument("--write-policy", default="write_behind", choices=("write_through", "write_behind", "write_back"))
+    parser.add_argument(
+        "--block-tokens", type=int, help="tokens per block of the trace"
+    )
+    parser.add_argument(
+        "--skip-bad-lines", action="store_true", help="skip and count malformed lines"
+    )
+    parser.add_argument(
+        "--disk-capacity",
+        type=int,
+        default=0,
+        help="blocks of a disk tier below memory",
+    )
+    parser.add_argument(
+        "--write-policy",
+        default="write_behind",
+        choices=("write_through", "write_behind", "write_back"),
+    )
     parser.add_argument("--high-watermark", type=float, default=1.0)
     parser.add_argument("--low-watermark", type=float, default=1.0)
-    parser.add_argument("--block-bytes", type=int, default=DEFAULT_BLOCK_BYTES, help="bytes per block (bytes-written figures)")
-    parser.add_argument("--window", type=float, default=60.0, help="seconds per point of hit ratio over time")
-    parser.add_argument("--nodes", type=int, default=0, help="also compare N nodes: random, prefix-aware routing, pooled")
+    parser.add_argument(
+        "--block-bytes",
+        type=int,
+        default=DEFAULT_BLOCK_BYTES,
+        help="bytes per block (bytes-written figures)",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=60.0,
+        help="seconds per point of hit ratio over time",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="also compare N nodes: random, prefix-aware routing, pooled",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random routing")
-    parser.add_argument("--target-hit-ratio", type=float, help="recommend the smallest capacity that reaches it")
+    parser.add_argument(
+        "--target-hit-ratio",
+        type=float,
+        help="recommend the smallest capacity that reaches it",
+    )
     parser.add_argument("--no-min", action="store_true", help="skip Belady's MIN")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
-    parser.add_argument("--csv", metavar="FILE", help="write one row per policy and capacity")
+    parser.add_argument(
+        "--csv", metavar="FILE", help="write one row per policy and capacity"
+    )
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots there")
     parser.set_defaults(run=run_replay)
 
@@ -92,7 +134,9 @@ def parse_list(text: str, name: str) -> list[str]:
 
 def _capacities(text: str) -> list[int]:
     try:
-        capacities = [int(item.replace("_", "")) for item in parse_list(text, "capacity")]
+        capacities = [
+            int(item.replace("_", "")) for item in parse_list(text, "capacity")
+        ]
     except ValueError as exc:
         raise ConfigError(f"--capacity takes integers (blocks), got {text!r}") from exc
     if any(c < 0 for c in capacities):
@@ -104,7 +148,9 @@ def _policies(text: str) -> list[str]:
     names = list(POLICIES) if text == "all" else parse_list(text, "policy")
     for name in names:
         if name not in POLICIES:
-            raise ConfigError(f"--policy must name policies of {list(POLICIES)}, got {name!r}")
+            raise ConfigError(
+                f"--policy must name policies of {list(POLICIES)}, got {name!r}"
+            )
     return names
 
 
@@ -151,7 +197,9 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def _describe(trace: Trace) -> str:
-    skipped = f", {trace.num_bad_lines:,} bad lines skipped" if trace.num_bad_lines else ""
+    skipped = (
+        f", {trace.num_bad_lines:,} bad lines skipped" if trace.num_bad_lines else ""
+    )
     return (
         f"{trace.name}: {len(trace):,} requests, {trace.num_blocks:,} block accesses, "
         f"{trace.num_unique_blocks:,} distinct blocks of {trace.block_tokens} tokens, "
@@ -179,7 +227,7 @@ def _clusters(
             bar.update(label, 0, len(trace))
             out[capacity][routing] = replay_cluster(
                 trace, config, args.nodes, routing, seed=args.seed,
-                progress=lambda done, label=label: bar.update(label, done, len(trace)),
+                progress=functools.partial(bar.update, label, total=len(trace)),
             )  # fmt: skip
     return out
 
@@ -248,4 +296,6 @@ class _ProgressBar:
 
     def update(self, label: str, done: int, total: int) -> None:
         assert self._task is not None, "update() inside the with block"
-        self._progress.update(self._task, description=label, completed=done, total=total)
+        self._progress.update(
+            self._task, description=label, completed=done, total=total
+        )

@@ -53,7 +53,7 @@ def replay_cluster(
     imbalance: float = 0.25,
     progress: Progress | None = None,
 ) -> ReplayResult:
-    """Replays ``trace`` on ``num_nodes`` nodes of ``config`` each, routed by ``routing``.
+    """Replays ``trace`` on ``num_nodes`` nodes of ``config`` each, as ``routing`` says.
 
     The result's capacities are per node; its hit figures cover the whole cluster.
 

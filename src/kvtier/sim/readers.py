@@ -81,7 +81,9 @@ def read_trace(
             requests.append(parser(obj))
         except (TraceFormatError, KeyFormatError, TypeError, ValueError) as exc:
             if not skip_bad_lines:
-                raise TraceFormatError(f"{path}:{line_number}: {exc}", line_number) from exc
+                raise TraceFormatError(
+                    f"{path}:{line_number}: {exc}", line_number
+                ) from exc
             num_bad += 1
     if not requests:
         raise TraceFormatError(f"{path}: no request in the trace")
@@ -95,7 +97,11 @@ def detect_format(path: Path, first: dict[str, Any] | None) -> TraceFormat:
             return "access-log"
         if "hash_ids" in first:
             return "mooncake"
-        if first.get("format") == GENERIC_HEADER or "tokens" in first or "hashes" in first:
+        if (
+            first.get("format") == GENERIC_HEADER
+            or "tokens" in first
+            or "hashes" in first
+        ):
             return "jsonl"
     raise TraceFormatError(
         f"{path}:1: cannot tell the trace format (expected a Mooncake line with "
@@ -120,7 +126,9 @@ def _numbered_objects(
             try:
                 obj = json.loads(raw)
                 if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                    raise ValueError(
+                        f"expected a JSON object, got {type(obj).__name__}"
+                    )
             except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError too
                 if not skip_bad_lines:
                     raise TraceFormatError(
@@ -153,14 +161,18 @@ def _parser_for(
         return (lambda obj: parse_access_line(obj, tokens)), tokens, lines
     if trace_format == "jsonl":
         return _generic_parser(tokens), tokens, lines
-    raise TraceFormatError(f"trace format must be one of {TRACE_FORMATS}, got {trace_format!r}")
+    raise TraceFormatError(
+        f"trace format must be one of {TRACE_FORMATS}, got {trace_format!r}"
+    )
 
 
 def _header_block_tokens(path: Path, header: dict[str, Any]) -> int:
     value = header.get("block_tokens", 256)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise TraceFormatError(
-            f"{path}:1: header 'block_tokens' must be a positive integer, got {value!r}", 1
+            f"{path}:1: header 'block_tokens' must be a positive integer, "
+            f"got {value!r}",
+            1,
         )
     return value
 
@@ -174,7 +186,9 @@ def _mooncake_parser(block_tokens: int) -> LineParser:
         ids = obj.get("hash_ids")
         if not isinstance(ids, list) or not ids:
             raise TraceFormatError("'hash_ids' must be a non-empty list of integers")
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        if not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
             raise TraceFormatError("'hash_ids' must hold non-negative integers only")
         expected = math.ceil(num_tokens / block_tokens)
         if len(ids) != expected:
@@ -198,7 +212,9 @@ def _generic_parser(block_tokens: int) -> LineParser:
                 raise TraceFormatError("'tokens' must be a list of token ids")
             chain = block_keys(namespace, tokens)  # full blocks only, as the store
             if not chain:
-                raise TraceFormatError(f"fewer than {block_tokens} tokens: no full block")
+                raise TraceFormatError(
+                    f"fewer than {block_tokens} tokens: no full block"
+                )
             return Request(timestamp_s, tuple(chain), len(chain) * block_tokens)
         hashes = obj.get("hashes")
         if not isinstance(hashes, list) or not hashes:
@@ -220,132 +236,6 @@ def _engine_hash(value: Any) -> bytes | int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise TraceFormatError(f"a hash must be an integer or a hex string, got {value!r}")
-
-
-def _numbered_objects(
-    path: Path, skip_bad_lines: bool
-) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """(line number, object) per non-blank line; ``None`` for a skipped bad line."""
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise TraceFormatError(f"{path}: cannot read the trace: {exc}") from exc
-    with handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-            except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError too
-                if not skip_bad_lines:
-                    raise TraceFormatError(
-                        f"{path}:{line_number}: not a JSON object: {exc}", line_number
-                    ) from exc
-                obj = None
-            yield line_number, obj
-
-
-def _num_bad_json(path: Path, lines: list[tuple[int, dict[str, Any] | None]]) -> int:
-    return sum(obj is None for _, obj in lines)
-
-
-def _parser_for(
-    path: Path,
-    trace_format: TraceFormat,
-    block_tokens: int | None,
-    lines: list[tuple[int, dict[str, Any] | None]],
-) -> tuple[LineParser, int, list[tuple[int, dict[str, Any] | None]]]:
-    """The line parser, the block size, and the lines left once a header is read."""
-    if trace_format == "mooncake":
-        tokens = block_tokens or MOONCAKE_BLOCK_TOKENS
-        return _mooncake_parser(tokens), tokens, lines
-    header: dict[str, Any] = {}
-    marker = ACCESS_LOG_HEADER if trace_format == "access-log" else "format"
-    if lines and lines[0][1] is not None and marker in lines[0][1]:
-        header, lines = lines[0][1], lines[1:]
-    tokens = block_tokens or _header_block_tokens(path, header)
-    if trace_format == "access-log":
-        return (lambda obj: parse_access_line(obj, tokens)), tokens, lines
-    if trace_format == "jsonl":
-        return _generic_parser(tokens), tokens, lines
-    raise TraceFormatError(f"trace format must be one of {TRACE_FORMATS}, got {trace_format!r}")
-
-
-def _header_block_tokens(path: Path, header: dict[str, Any]) -> int:
-    value = header.get("block_tokens", 256)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise TraceFormatError(
-            f"{path}:1: header 'block_tokens' must be a positive integer, got {value!r}", 1
-        )
-    return value
-
-
-def _mooncake_parser(block_tokens: int) -> LineParser:
-    intern = KeyInterner()
-
-    def parse(obj: dict[str, Any]) -> Request:
-        timestamp_ms = _number(obj, "timestamp")
-        num_tokens = _positive_int(obj, "input_length")
-        ids = obj.get("hash_ids")
-        if not isinstance(ids, list) or not ids:
-            raise TraceFormatError("'hash_ids' must be a non-empty list of integers")
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise TraceFormatError("'hash_ids' must hold non-negative integers only")
-        expected = math.ceil(num_tokens / block_tokens)
-        if len(ids) != expected:
-            raise TraceFormatError(
-                f"{len(ids)} hash_ids for input_length {num_tokens} at {block_tokens} "
-                f"tokens per block (expected {expected}; is the block size right?)"
-            )
-        return Request(timestamp_ms / 1000.0, intern(ids), num_tokens)
-
-    return parse
-
-
-def _generic_parser(block_tokens: int) -> LineParser:
-    namespace = Namespace("kvtier-trace", block_tokens=block_tokens)
-
-    def parse(obj: dict[str, Any]) -> Request:
-        timestamp_s = _number(obj, "t")
-        if "tokens" in obj:
-            tokens = obj["tokens"]
-            if not isinstance(tokens, list):
-                raise TraceFormatError("'tokens' must be a list of token ids")
-            chain = block_keys(namespace, tokens)  # full blocks only, as the store
-            if not chain:
-                raise TraceFormatError(f"fewer than {block_tokens} tokens: no full block")
-            return Request(timestamp_s, tuple(chain), len(chain) * block_tokens)
-        hashes = obj.get("hashes")
-        if not isinstance(hashes, list) or not hashes:
-            raise TraceFormatError("a line needs 'tokens' or a non-empty list 'hashes'")
-        chain = engine_keys(namespace, [_engine_hash(h) for h in hashes])
-        num_tokens = obj.get("num_tokens", len(chain) * block_tokens)
-        check_num_tokens(num_tokens, len(chain), block_tokens)
-        return Request(timestamp_s, tuple(chain), num_tokens)
-
-    return parse
-
-
-def _engine_hash(value: Any) -> bytes | int:
-    if isinstance(value, str):
-        try:
-            return bytes.fromhex(value)
-        except ValueError as exc:
-            raise TraceFormatError(f"hash {value!r} is not hex") from exc
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise TraceFormatError(f"a hash must be an integer or a hex string, got {value!r}")
-
-
-def _check_num_tokens(num_tokens: Any, num_blocks: int, block_tokens: int) -> None:
-    low, high = (num_blocks - 1) * block_tokens, num_blocks * block_tokens
-    if not isinstance(num_tokens, int) or not low < num_tokens <= high:
-        raise TraceFormatError(
-            f"'num_tokens' must be an integer in ({low}, {high}] for {num_blocks} "
-            f"blocks of {block_tokens}, got {num_tokens!r}"
-        )
 
 
 def _number(obj: dict[str, Any], name: str) -> float:

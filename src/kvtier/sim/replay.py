@@ -100,7 +100,9 @@ class ReplayConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (self.policy, self.disk_policy or self.policy):
             if name not in POLICIES:
-                raise ConfigError(f"policy must be one of {list(POLICIES)}, got {name!r}")
+                raise ConfigError(
+                    f"policy must be one of {list(POLICIES)}, got {name!r}"
+                )
         if self.block_bytes <= 0 or self.window_s <= 0:
             raise ConfigError("block_bytes and window_s must be > 0")
         Budget(0, self.high_watermark, self.low_watermark)  # validates the marks

@@ -56,7 +56,9 @@ def sweep_rows(swept: Sweep) -> list[dict[str, Any]]:
     return rows
 
 
-def _row(swept: Sweep, policy: str, r: ReplayResult, min_ratio: float) -> dict[str, Any]:
+def _row(
+    swept: Sweep, policy: str, r: ReplayResult, min_ratio: float
+) -> dict[str, Any]:
     written, evicted = r.bytes_written, r.evictions
     return {
         "trace": swept.trace_name,
@@ -162,9 +164,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ConfigError(
-            "plots need matplotlib: pip install 'kvtier[sim]'"
-        ) from exc
+        raise ConfigError("plots need matplotlib: pip install 'kvtier[sim]'") from exc
     return plt
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kvtier.errors import ConfigError
 from kvtier.sim.trace import KeyInterner, Request, Trace
@@ -92,7 +92,9 @@ def synthetic_trace(shape: Shape | str, seed: int = 0) -> Trace:
     """
     if isinstance(shape, str):
         if shape not in SHAPES:
-            raise ConfigError(f"synthetic shape must be one of {list(SHAPES)}, got {shape!r}")
+            raise ConfigError(
+                f"synthetic shape must be one of {list(SHAPES)}, got {shape!r}"
+            )
         shape = SHAPES[shape]
     return _Generator(shape, seed).run()
 
@@ -109,7 +111,10 @@ class _Generator:
         self.shape = shape
         self.rng = random.Random(seed)
         self.next_id = 0
-        self.system = [self._fresh_ids(shape.system_tokens) for _ in range(shape.num_system_prompts)]
+        self.system = [
+            self._fresh_ids(shape.system_tokens)
+            for _ in range(shape.num_system_prompts)
+        ]
         self.events: list[tuple[float, int, _Turn]] = []  # (time, order, turn)
         self.order = 0
 
@@ -135,11 +140,18 @@ class _Generator:
             return
         copies = 2 if self.rng.random() < shape.branch_probability else 1
         for _ in range(copies):
-            think = self.rng.lognormvariate(math.log(shape.think_median_s), shape.think_sigma)
+            think = self.rng.lognormvariate(
+                math.log(shape.think_median_s), shape.think_sigma
+            )
             grown = turn.num_tokens + self._lognormal(shape.turn_tokens, 1.0)
-            self._push(now + think, self._extend(turn.ids, turn.num_tokens, grown, turn.turn + 1))
+            self._push(
+                now + think,
+                self._extend(turn.ids, turn.num_tokens, grown, turn.turn + 1),
+            )
 
-    def _extend(self, ids: tuple[int, ...], num_tokens: int, new_tokens: int, turn: int) -> _Turn:
+    def _extend(
+        self, ids: tuple[int, ...], num_tokens: int, new_tokens: int, turn: int
+    ) -> _Turn:
         """The prompt grown from ``num_tokens`` to ``new_tokens``: full blocks kept."""
         kept = ids[: num_tokens // self.shape.block_tokens]
         num_new = math.ceil(new_tokens / self.shape.block_tokens) - len(kept)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from kvtier.core.keys import BlockKey
@@ -109,7 +108,9 @@ class KeyInterner:
             key = keys.get(block_id)
             if key is None:
                 key = keys[block_id] = BlockKey(
-                    block_id.to_bytes(max(8, (block_id.bit_length() + 7) // 8), "little")
+                    block_id.to_bytes(
+                        max(8, (block_id.bit_length() + 7) // 8), "little"
+                    )
                 )
             out.append(key)
         return tuple(out)
@@ -122,11 +123,10 @@ def check_num_tokens(num_tokens: Any, num_blocks: int, block_tokens: int) -> int
         TraceFormatError: It is not an integer in that range.
     """
     low, high = (num_blocks - 1) * block_tokens, num_blocks * block_tokens
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
-        num_tokens = None
-    if num_tokens is None or not low < num_tokens <= high:
+    is_int = isinstance(num_tokens, int) and not isinstance(num_tokens, bool)
+    if not (is_int and low < num_tokens <= high):
         raise TraceFormatError(
             f"'num_tokens' must be an integer in ({low}, {high}] for {num_blocks} "
             f"blocks of {block_tokens} tokens, got {num_tokens!r}"
         )
-    return num_tokens
+    return int(num_tokens)

@@ -366,7 +366,11 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
                 if head is None:
                     continue
                 key, entry = head
-                rank = (densities[age_bucket(self._now - entry.last_access)], young, cls)
+                rank = (
+                    densities[age_bucket(self._now - entry.last_access)],
+                    young,
+                    cls,
+                )
                 if best is None or rank < best:
                     best, found = rank, (heap, key, entry)
         return found
