@@ -31,7 +31,8 @@ def age_bucket(age_s: float) -> int:
     """The age bucket of ``age_s`` seconds (negative ages, a clock step back: 0)."""
     if age_s < 1.0:
         return 0
-    return min(NUM_AGE_BUCKETS - 1, int(4 * math.log2(age_s)) + 1)
+    bucket = int(4 * math.log2(age_s)) + 1
+    return bucket if bucket < NUM_AGE_BUCKETS else NUM_AGE_BUCKETS - 1
 
 
 class _Entry:
