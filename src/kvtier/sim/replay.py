@@ -279,26 +279,25 @@ class OneTier:
         for key in keys[:hits]:
             touch(key, now)
         reserved: list[int] = []
-        for pos in range(hits, len(keys)):
+        size, capacity, evict = self.size, self.capacity, policy.evict
+        for pos in range(hits, len(keys)):  # inlined: the loop runs once per block
             key = keys[pos]
             if contains(key):
                 touch(key, now)
-            elif self._reserve(policy, now):
-                reserved.append(pos)
+                continue
+            if size < capacity:
+                size += 1
+            elif evict(now) is not None:
+                self.num_evicted += 1  # one out, one reserved: size unchanged
+            else:
+                continue  # all that is left is this put's own reservations
+            reserved.append(pos)
+        self.size = size
         block_bytes = self.block_bytes
         for pos in reserved:
             policy.insert(keys[pos], block_bytes, keys[pos - 1] if pos else None, now)
         self.num_inserted += len(reserved)
         return hits, hits
-
-    def _reserve(self, policy: EvictionPolicy, now: float) -> bool:
-        if self.size >= self.capacity:
-            if policy.evict(now) is None:
-                return False  # all that is left is this put's own reservations
-            self.size -= 1
-            self.num_evicted += 1
-        self.size += 1
-        return True
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         return {"memory": self.num_inserted}, {"memory": self.num_evicted}
