@@ -33,7 +33,7 @@ from kvtier.core.capacity import Budget
 from kvtier.core.index import BlockIndex, BlockMeta
 from kvtier.core.keys import BlockKey
 from kvtier.core.ledger import Ledger, TierAccount
-from kvtier.core.policy import POLICIES, EvictionPolicy, make_policy
+from kvtier.core.policy import POLICIES, make_policy
 from kvtier.errors import ConfigError
 from kvtier.sim.trace import Request, Trace
 
