@@ -177,28 +177,26 @@ def _plot_capacity(plt: Any, swept: Sweep, path: Path) -> Path:
         ratios = [by_capacity[c].hit_ratio for c in swept.capacities]
         ax.plot(swept.capacities, ratios, marker="o", label=policy)
     ax.set_xscale("log")
-    ax.set_xlabel("capacity (blocks)")
-    ax.set_ylabel("block hit ratio")
-    ax.set_title(f"{swept.trace_name}: hit ratio vs capacity")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    title = f"{swept.trace_name}: hit ratio vs capacity"
+    return _save(plt, fig, ax, "capacity (blocks)", title, path)
 
 
 def _plot_time(plt: Any, swept: Sweep, capacity: int, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
-    series = dict(swept.results)
-    for policy, by_capacity in series.items():
+    for policy, by_capacity in swept.results.items():
         points = by_capacity[capacity].ratio_over_time()
         ax.plot([t / 60 for t, _ in points], [r for _, r in points], label=policy)
     if capacity in swept.bounds:
         points = swept.bounds[capacity].ratio_over_time()
         ax.plot([t / 60 for t, _ in points], [r for _, r in points], "k--", label="MIN")
-    ax.set_xlabel("minutes into the trace")
+    title = f"{swept.trace_name}: hit ratio over time at {capacity:,} blocks"
+    return _save(plt, fig, ax, "minutes into the trace", title, path)
+
+
+def _save(plt: Any, fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("block hit ratio")
-    ax.set_title(f"{swept.trace_name}: hit ratio over time at {capacity:,} blocks")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -15,7 +15,13 @@ from collections import OrderedDict
 from typing import ClassVar
 
 from kvtier.core.keys import BlockKey
-from kvtier.core.policy.base import CanEvict, TrackingPolicy, Victims, check_nbytes
+from kvtier.core.policy.base import (
+    CanEvict,
+    LeafFirstPolicy,
+    Victims,
+    add_child,
+    check_nbytes,
+)
 from kvtier.errors import ConfigError
 
 __all__ = ["HitDensityPolicy"]
@@ -97,7 +103,7 @@ def _densities(reuses: list[float], accesses: float, horizon_s: float) -> list[f
     return out
 
 
-class HitDensityPolicy(TrackingPolicy[_Entry]):
+class HitDensityPolicy(LeafFirstPolicy[_Entry]):
     """Evicts the leaf block with the fewest expected hits per second it would stay.
 
     Three ideas, each measured on the conversation trace (``docs/replay.md``):
@@ -151,7 +157,6 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         "_num_heap_items",
         "_inserts_since",
         "_now",
-        "_num_children",
         "_num_classes",
         "_rate_since",
         "_refresh_accesses",
@@ -178,7 +183,6 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         self._decay = decay
         self._horizon_scale = horizon_scale
         self._num_heap_items = 0
-        self._num_children: dict[BlockKey, int] = {}
         # Per class: (oldest-first heap of (tick, key), youngest-first of (-tick, key)).
         self._heaps: list[tuple[list[tuple[int, BlockKey]], ...]] = [
             ([], []) for _ in range(num_classes)
@@ -213,7 +217,7 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         entry = self._entries[key] = _Entry(nbytes, parent, self._inherited(parent))
         self._total_bytes += nbytes
         if parent is not None:
-            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+            add_child(self._num_children, parent)
         self._count_insert(now)
         self._access(key, entry, now)
 
@@ -284,26 +288,8 @@ class HitDensityPolicy(TrackingPolicy[_Entry]):
         """Whether ``key`` was evicted recently enough that its reuse would count."""
         return key in self._ghost
 
-    def remove(self, key: BlockKey) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._forget(key, entry)  # its heap items turn stale
-            self._maybe_rebuild()
-
-    def _forget(self, key: BlockKey, entry: _Entry) -> None:
-        del self._entries[key]
-        self._total_bytes -= entry.nbytes
-        parent = entry.parent
-        if parent is None:
-            return
-        num_left = self._num_children[parent] - 1
-        if num_left:
-            self._num_children[parent] = num_left
-            return
-        del self._num_children[parent]
-        parent_entry = self._entries.get(parent)
-        if parent_entry is not None:  # a leaf again, at its own last access
-            self._enqueue(parent, parent_entry)
+    def _requeue(self, key: BlockKey, entry: _Entry) -> None:
+        self._enqueue(key, entry)
 
     def _maybe_rebuild(self) -> None:
         # Only outside eviction: a rebuild while _victims holds vetoed items out of the
