@@ -57,6 +57,17 @@ def test_replay_json_csv_and_plots(
     ]  # fmt: skip
 
 
+def test_replay_without_min_has_no_fractions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = mooncake_file(tmp_path / "t.jsonl")
+    args = ["replay", str(trace), "--capacity", "3", "--policy", "lru", "--no-min"]
+    assert main([*args, "--json", "--csv", str(tmp_path / "o.csv")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["min"] == {}
+    assert summary["policies"]["lru"]["3"]["min_ratio"] is None
+
+
 def test_replay_reports_bad_lines_with_their_number(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

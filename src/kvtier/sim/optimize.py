@@ -48,8 +48,15 @@ class Sweep:
     results: dict[str, dict[int, ReplayResult]] = field(default_factory=dict)
     bounds: dict[int, ReplayResult] = field(default_factory=dict)
 
-    def min_ratio(self, policy: str, capacity: int) -> float:
-        """The policy's block hit ratio as a fraction of MIN's (1.0 when MIN is 0)."""
+    def min_ratio(self, policy: str, capacity: int) -> float | None:
+        """The policy's block hit ratio as a fraction of MIN's.
+
+        Returns:
+            The fraction (1.0 when MIN hits nothing), or ``None`` when the sweep ran
+            without the bound.
+        """
+        if capacity not in self.bounds:
+            return None
         bound = self.bounds[capacity].hit_ratio
         ratio = self.results[policy][capacity].hit_ratio
         return ratio / bound if bound else 1.0

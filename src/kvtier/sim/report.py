@@ -51,13 +51,13 @@ def sweep_rows(swept: Sweep) -> list[dict[str, Any]]:
         if capacity in swept.bounds:
             rows.append(_row(swept, "min", swept.bounds[capacity], 1.0))
         for policy, by_capacity in swept.results.items():
-            ratio = swept.min_ratio(policy, capacity) if swept.bounds else float("nan")
+            ratio = swept.min_ratio(policy, capacity)
             rows.append(_row(swept, policy, by_capacity[capacity], ratio))
     return rows
 
 
 def _row(
-    swept: Sweep, policy: str, r: ReplayResult, min_ratio: float
+    swept: Sweep, policy: str, r: ReplayResult, min_ratio: float | None
 ) -> dict[str, Any]:
     written, evicted = r.bytes_written, r.evictions
     return {
@@ -100,8 +100,9 @@ def sweep_table(swept: Sweep, default: str) -> Table:
         cells = []
         for capacity in swept.capacities:
             cell = f"{by_capacity[capacity].hit_ratio:.3f}"
-            if swept.bounds:
-                cell += f" ({swept.min_ratio(policy, capacity):.2f})"
+            fraction = swept.min_ratio(policy, capacity)
+            if fraction is not None:
+                cell += f" ({fraction:.2f})"
             cells.append(cell)
         table.add_row(label, *cells)
     return table
