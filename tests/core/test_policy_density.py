@@ -65,6 +65,15 @@ def test_under_a_shared_prefix_a_chain_starts_its_own_count() -> None:
     assert policy.density(k("u3"), 1005.0) < policy.density(k("u1"), 1005.0)
 
 
+def test_a_block_stored_again_gets_its_count_back() -> None:
+    policy = trained()
+    policy.insert(k("x"), 1, None, 1000.0)
+    assert policy.evict(1000.0) == k("x")
+    policy.insert(k("x"), 1, None, 1005.0)  # back from the ghost: a second access
+    policy.insert(k("y"), 1, None, 1005.0)  # a first access
+    assert policy.density(k("x"), 1010.0) > policy.density(k("y"), 1010.0)
+
+
 def test_evicted_keys_are_remembered_until_they_return() -> None:
     policy = HitDensityPolicy()
     policy.insert(k("a"), 1, None, 0.0)

@@ -116,7 +116,9 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
       continues a chain (the parent has no other child), starts at 1 under a shared
       prefix (a system prompt every request touches), and counts its own hits after.
       A conversation on its fifth turn is about twice as likely to come back as one on
-      its first, and all its blocks come back together.
+      its first, and all its blocks come back together. A block evicted and stored
+      again gets its old count back (plus one), so a conversation that outlived its
+      blocks keeps its standing.
     * **Hit density by age, learned online.** For each class the policy counts
       accesses and the age (seconds since the previous access) at which blocks were
       reused, including reuses of blocks it evicted (a ghost list of recent victims
@@ -165,7 +167,9 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
         "_tick",
     )
     name: ClassVar[str] = "hit_density"
-    GHOST_SLACK: ClassVar[int] = 4096
+    # Victims remembered: 4 per tracked key, plus this many, so that even a small
+    # tier recognizes conversations that come back minutes later (~5 MB of keys).
+    GHOST_SLACK: ClassVar[int] = 32768
     _HEAP_SLACK: ClassVar[int] = 64
     _DEFAULT_HORIZON_S: ClassVar[float] = 60.0
 
@@ -187,7 +191,8 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
         self._heaps: list[tuple[list[tuple[int, BlockKey]], ...]] = [
             ([], []) for _ in range(num_classes)
         ]
-        self._ghost: OrderedDict[BlockKey, tuple[int, float]] = OrderedDict()
+        # key -> (class, last access, accesses) of recent victims
+        self._ghost: OrderedDict[BlockKey, tuple[int, float, int]] = OrderedDict()
         self._stats = _ReuseStats(num_classes)
         self._tick = 0
         self._since_refresh = 0
@@ -210,11 +215,13 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
             return
         if parent == key:
             parent = None
+        num_accesses = self._inherited(parent)
         remembered = self._ghost.pop(key, None)
-        if remembered is not None:
-            cls, last_access = remembered
+        if remembered is not None:  # back after an eviction: a reuse, and its count
+            cls, last_access, num_before = remembered
             self._stats.reuses[cls][age_bucket(now - last_access)] += 1
-        entry = self._entries[key] = _Entry(nbytes, parent, self._inherited(parent))
+            num_accesses = max(num_accesses, num_before + 1)
+        entry = self._entries[key] = _Entry(nbytes, parent, num_accesses)
         self._total_bytes += nbytes
         if parent is not None:
             add_child(self._num_children, parent)
@@ -394,7 +401,7 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
 
     def _remember(self, key: BlockKey, entry: _Entry) -> None:
         ghost = self._ghost
-        ghost[key] = (entry.cls, entry.last_access)
+        ghost[key] = (entry.cls, entry.last_access, entry.num_accesses)
         limit = 4 * len(self._entries) + self.GHOST_SLACK
         while len(ghost) > limit:
             ghost.popitem(last=False)
