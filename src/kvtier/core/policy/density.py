@@ -113,7 +113,8 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
       evicted prefix would strand its whole suffix.
     * **Conversation turns as the class.** A block's class is the number of accesses
       of its conversation: a new block inherits the count of its parent when it
-      continues a chain (the parent has no other child), starts at 1 under a shared
+      continues a chain (the parent has at most one other child: the previous turn's
+      partial last block, or an edit), starts at 1 under a shared
       prefix (a system prompt every request touches), and counts its own hits after.
       A conversation on its fifth turn is about twice as likely to come back as one on
       its first, and all its blocks come back together. A block evicted and stored
@@ -168,7 +169,7 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
     )
     name: ClassVar[str] = "hit_density"
     # Victims remembered: 4 per tracked key, plus this many, so that even a small
-    # tier recognizes conversations that come back minutes later (~5 MB of keys).
+    # tier recognizes conversations that come back minutes later (~8 MB of entries).
     GHOST_SLACK: ClassVar[int] = 32768
     _HEAP_SLACK: ClassVar[int] = 64
     _DEFAULT_HORIZON_S: ClassVar[float] = 60.0
