@@ -275,9 +275,12 @@ class OneTier:
         """Match, get and put one request; returns its hits (twice: all in memory)."""
         policy = self.policy
         contains, touch = policy.__contains__, policy.touch
-        hits = self.match(keys)
-        for key in keys[:hits]:
+        hits = 0
+        for key in keys:  # match and get in one pass: a touch moves no key out
+            if not contains(key):
+                break
             touch(key, now)
+            hits += 1
         reserved: list[int] = []
         size, capacity, evict = self.size, self.capacity, policy.evict
         for pos in range(hits, len(keys)):  # inlined: the loop runs once per block
