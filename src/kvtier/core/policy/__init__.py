@@ -23,8 +23,11 @@ one, is in :mod:`kvtier.core.policy.base`); each lives in a module of its own:
   learned online from reuse ages. O(log n).
 
 A new policy is a module beside these with a subclass of
-:class:`~kvtier.core.policy.base.TrackingPolicy`, a line in :data:`POLICIES` below (its
-``name`` is what config files say) and an item in the list above.
+:class:`~kvtier.core.policy.base.TrackingPolicy` (or of
+:class:`~kvtier.core.policy.base.LeafFirstPolicy`, which keeps the child counts of the
+leaf-first ones), a line in :data:`POLICIES` below (its ``name`` is what config files
+say) and an item in the list above. ``kvtier replay`` then measures it against the
+others and Belady's MIN (``docs/replay.md``).
 """
 
 from __future__ import annotations
