@@ -26,10 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvtier import __version__
-from kvtier.bench.replay import register as register_bench_replay
 from kvtier.config import Config, load_config, render_markdown
 from kvtier.errors import ConfigError, KVTierError
-from kvtier.sim.cli import register as register_replay
 
 log = logging.getLogger("kvtier")
 
@@ -89,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--fix", action="store_true", help="drop what fails the audit")
     check.set_defaults(run=_cmd_check)
 
+    from kvtier.sim.cli import register as register_replay
+
     register_replay(sub, common)
 
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--dir", help="scratch directory (default: the system temp dir)")
     store.add_argument("--repeats", type=int, help="runs per figure (median reported)")
     store.set_defaults(run=_cmd_bench_store)
+    from kvtier.bench.replay import register as register_bench_replay
+
     register_bench_replay(bench_sub, common)
     return parser
 
