@@ -86,6 +86,14 @@ def test_evicted_keys_are_remembered_until_they_return() -> None:
     assert not policy.in_ghost(k("b"))  # a removal is not an eviction
 
 
+def test_a_reinsert_naming_a_parent_links_it() -> None:
+    policy = HitDensityPolicy()
+    policy.insert(k("p"), 1, None, 0.0)
+    policy.insert(k("c"), 1, None, 1.0)  # parent unknown at first
+    policy.insert(k("c"), 1, k("p"), 2.0)  # now named: p is no leaf any more
+    assert drain(policy, 10.0) == ["c", "p"]
+
+
 def test_vetoed_leaf_keeps_its_place_and_parent_waits() -> None:
     policy = HitDensityPolicy()
     policy.insert(k("a"), 1, None, 0.0)

@@ -235,6 +235,18 @@ class LeafFirstPolicy(TrackingPolicy[ChainEntryT]):
         # parent key -> number of tracked keys naming it; absent means 0.
         self._num_children: dict[BlockKey, int] = {}
 
+    def _link(self, key: BlockKey, entry: ChainEntryT, parent: BlockKey | None) -> None:
+        """Gives ``entry`` the ``parent`` its insert names, if it has none yet.
+
+        A key's parent is fixed by its first insert that names one: keys are chain
+        hashes, so the same key always has the same prefix. A key naming itself as its
+        parent is taken to have none. Cycles of two or more keys cannot come from real
+        key chains; their members are never leaves and so are never evicted.
+        """
+        if entry.parent is None and parent is not None and parent != key:
+            entry.parent = parent
+            add_child(self._num_children, parent)
+
     def remove(self, key: BlockKey) -> None:
         entry = self._entries.get(key)
         if entry is not None:

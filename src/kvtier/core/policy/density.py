@@ -19,7 +19,6 @@ from kvtier.core.policy.base import (
     CanEvict,
     LeafFirstPolicy,
     Victims,
-    add_child,
     check_nbytes,
 )
 from kvtier.errors import ConfigError
@@ -212,6 +211,7 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
         if entry is not None:
             self._total_bytes += nbytes - entry.nbytes
             entry.nbytes = nbytes
+            self._link(key, entry, parent)
             self.touch(key, now)
             return
         if parent == key:
@@ -222,10 +222,9 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
             cls, last_access, num_before = remembered
             self._stats.reuses[cls][age_bucket(now - last_access)] += 1
             num_accesses = max(num_accesses, num_before + 1)
-        entry = self._entries[key] = _Entry(nbytes, parent, num_accesses)
+        entry = self._entries[key] = _Entry(nbytes, None, num_accesses)
         self._total_bytes += nbytes
-        if parent is not None:
-            add_child(self._num_children, parent)
+        self._link(key, entry, parent)
         self._count_insert(now)
         self._access(key, entry, now)
 

@@ -14,7 +14,6 @@ from kvtier.core.policy.base import (
     CanEvict,
     LeafFirstPolicy,
     Victims,
-    add_child,
     check_nbytes,
 )
 
@@ -67,8 +66,6 @@ class LeafFirstLRUPolicy(LeafFirstPolicy[_LeafEntry]):
         self, key: BlockKey, nbytes: int, parent: BlockKey | None, now: float
     ) -> None:
         check_nbytes(nbytes)
-        if parent == key:
-            parent = None
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _LeafEntry(nbytes, None, self._next_tick)
@@ -76,9 +73,7 @@ class LeafFirstLRUPolicy(LeafFirstPolicy[_LeafEntry]):
         else:
             self._total_bytes += nbytes - entry.nbytes
             entry.nbytes = nbytes
-        if entry.parent is None and parent is not None:
-            entry.parent = parent
-            add_child(self._num_children, parent)
+        self._link(key, entry, parent)
         self._access(key, entry)
 
     def touch(self, key: BlockKey, now: float) -> None:
