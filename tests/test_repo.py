@@ -95,6 +95,8 @@ def test_every_command_has_help() -> None:
         ["bench", "store", "--help"],
         ["bench", "route", "--help"],
         ["route", "--help"],
+        ["bench", "replay", "--help"],
+        ["replay", "--help"],
         ["check", "--help"],
         ["config", "--help"],
     ):

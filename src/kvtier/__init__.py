@@ -39,6 +39,7 @@ from kvtier.errors import (
     RequestTimeoutError,
     StorageError,
     StoreClosedError,
+    TraceFormatError,
 )
 from kvtier.layout import KVLayout, to_torch
 from kvtier.results import (
@@ -86,6 +87,7 @@ __all__ = [
     "StoreStats",
     "TierStats",
     "TieredStore",
+    "TraceFormatError",
     "__version__",
     "block_keys",
     "engine_keys",

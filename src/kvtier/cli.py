@@ -5,12 +5,14 @@
     kvtier info                 configuration, tiers and their usage
     kvtier config               the resolved configuration (YAML), or --markdown docs
     kvtier check [--fix]        audit the disk tier's index against its segment files
+    kvtier replay TRACE         hit ratio per capacity and policy on a trace, vs MIN
     kvtier bench store          the embedded store against same-run baselines
     kvtier route                KV-aware router for inference pods (kvtier.router.cli)
     kvtier bench route          event ingestion, route latency, index memory
     kvtier bench server         a node against raw sockets, memcpy, Redis and gRPC
     kvtier cluster ...          a cluster's status, settings and quotas (etcd)
     kvtier bench cluster        placement balance and movement, throughput, failure
+    kvtier bench replay         replay speed per policy, and MIN's time
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -98,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.cluster.cli import register as register_cluster
 
     register_cluster(sub)
+    from kvtier.sim.cli import register as register_replay
+
+    register_replay(sub, common)
 
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
@@ -118,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.router.cli import register as register_router
 
     register_router(sub, bench_sub, common, _load)
+    from kvtier.bench.replay import register as register_bench_replay
+
+    register_bench_replay(bench_sub, common)
     return parser
 
 

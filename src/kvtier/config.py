@@ -57,7 +57,9 @@ ENV_PREFIX = "KVTIER_"
 GiB = 1 << 30
 MiB = 1 << 20
 
-PolicyName = Literal["lru", "weighted_lru", "leaf_lru", "s3fifo"]
+PolicyName = Literal[
+    "lru", "weighted_lru", "leaf_lru", "s3fifo", "arc", "lfu", "hit_density"
+]
 WritePolicy = Literal["write_through", "write_behind", "write_back"]
 CodecName = Literal["none", "lz4", "zstd"]
 
@@ -147,7 +149,10 @@ class MemoryConfig:
     """The memory tier: one preallocated arena."""
 
     capacity_bytes: int = _doc("Size of the memory arena.", 4 * GiB)
-    policy: PolicyName = _doc("Eviction policy of the memory tier.", "leaf_lru")
+    policy: PolicyName = _doc(
+        "Eviction policy of the memory tier (docs/replay.md compares them).",
+        "hit_density",
+    )
     slab_bytes: int = _doc("Target slab size of the arena allocator.", 4 * MiB)
     huge_pages: bool = _doc("Ask for transparent huge pages for the arena.", True)
     shared: bool = _doc(
@@ -168,7 +173,7 @@ class DiskConfig:
     enabled: bool = _doc("Keep a disk tier below memory.", True)
     path: str = _doc("Directory of the disk tier ('' = <store.data_dir>/disk).", "")
     capacity_bytes: int = _doc("Most bytes the disk tier may use.", 32 * GiB)
-    policy: PolicyName = _doc("Eviction policy of the disk tier.", "leaf_lru")
+    policy: PolicyName = _doc("Eviction policy of the disk tier.", "hit_density")
     segment_bytes: int = _doc("Size of one append-only segment file.", 256 * MiB)
     fsync: bool = _doc(
         "fsync segments before committing the index (survives power loss; slower).",
