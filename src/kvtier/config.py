@@ -40,6 +40,7 @@ from kvtier.errors import ConfigError
 __all__ = [
     "Config",
     "DiskConfig",
+    "EngineConfig",
     "MemoryConfig",
     "ServerConfig",
     "SharedFSConfig",
@@ -236,6 +237,35 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """The inference-engine integrations (vLLM, SGLang, transformers, engine API)."""
+
+    server: str = _doc(
+        "host:port of the kvtier node the engine uses ('' = an embedded store in "
+        "the engine's own process, configured by the other sections).",
+        "",
+    )
+    token: str = _doc("The node's auth token, when it has one.", "")
+    tenant: str = _doc(
+        "Tenant (and quota group) the engine's blocks are keyed and counted under.",
+        "default",
+    )
+    model_id: str = _doc(
+        "Model name in block keys ('' = the name the engine knows the model by). "
+        "Engines that must share blocks need the same name and weights.",
+        "",
+    )
+
+    def __post_init__(self) -> None:
+        if self.server and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.server):
+            raise ConfigError(
+                f"engine.server must be host:port or '', got {self.server!r}"
+            )
+        if not self.tenant:
+            raise ConfigError("engine.tenant must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of kvtier."""
 
@@ -244,6 +274,7 @@ class Config:
     disk: DiskConfig = field(default_factory=DiskConfig)
     shared_fs: SharedFSConfig = field(default_factory=SharedFSConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def disk_path(self) -> Path:
@@ -316,6 +347,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "disk": DiskConfig,
     "shared_fs": SharedFSConfig,
     "server": ServerConfig,
+    "engine": EngineConfig,
 }
 
 
