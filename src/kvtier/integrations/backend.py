@@ -15,8 +15,10 @@ ends the run of blocks read, and the caller computes the rest.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,7 +32,14 @@ from kvtier.layout import KVLayout
 from kvtier.results import Match, PutResult
 from kvtier.store import TieredStore
 
-__all__ = ["Blocks", "ConfigSource", "KVBackend", "engine_config", "open_backend"]
+__all__ = [
+    "Blocks",
+    "ConfigSource",
+    "KVBackend",
+    "close_backend",
+    "engine_config",
+    "open_backend",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +115,41 @@ def engine_config(source: ConfigSource = None) -> Config:
 def open_backend(config: Config) -> KVBackend:
     """A node client when ``engine.server`` is set, else an embedded store.
 
+    Embedded stores are shared per process and configuration: an engine builds
+    several integration objects in one process (vLLM's scheduler and its worker,
+    with one GPU), and one data directory can be opened by one store only. Give
+    the backend back with :func:`close_backend`.
+
     Raises:
         ConnectionLostError: The node cannot be reached.
         StorageError: The embedded store's data directory cannot be opened.
     """
     if config.engine.server:
         return Client(config.engine.server, token=config.engine.token or None)
-    return TieredStore(config)
+    name = json.dumps(config.as_dict(), sort_keys=True, default=str)
+    with _embedded_lock:
+        store, users = _embedded.get(name, (None, 0))
+        if store is None:
+            store = TieredStore(config)
+        _embedded[name] = (store, users + 1)
+    return store
+
+
+def close_backend(backend: KVBackend) -> None:
+    """Closes what :func:`open_backend` opened (a shared store on its last user)."""
+    with _embedded_lock:
+        for name, (store, users) in list(_embedded.items()):
+            if store is backend:
+                if users > 1:
+                    _embedded[name] = (store, users - 1)
+                    return
+                del _embedded[name]
+                break
+    backend.close()
+
+
+_embedded: dict[str, tuple[TieredStore, int]] = {}
+_embedded_lock = threading.Lock()
 
 
 class Blocks:
@@ -120,7 +157,7 @@ class Blocks:
 
     Args:
         backend: The store or client.
-        owned: Close the backend with this object.
+        owned: Give the backend back (:func:`close_backend`) with this object.
         pin_for_cuda: Page-lock the embedded store's arena so GPU copies from it
             are asynchronous DMA (a node client does that itself on connect).
     """
@@ -226,7 +263,7 @@ class Blocks:
             _unpin(self._pinned)
             self._pinned = None
         if self._owned:
-            self.backend.close()
+            close_backend(self.backend)
 
     def __enter__(self) -> Blocks:
         return self
