@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import store_settings
+from kvhelpers import store_settings
 
 pytestmark = pytest.mark.vllm
 

@@ -237,4 +237,3 @@ class SchedulerSide:
 def _scheduled(scheduler_output: Any, req_id: str) -> int:
     counts: dict[str, int] = scheduler_output.num_scheduled_tokens
     return int(counts.get(req_id, 0))
-

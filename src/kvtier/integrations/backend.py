@@ -67,6 +67,10 @@ class KVBackend(Protocol):
         layout: KVLayout | None = None,
     ) -> PutResult: ...
 
+    def get(
+        self, keys: Sequence[BlockKey], *, layout: KVLayout | None = None
+    ) -> list[Array]: ...
+
     def get_into(
         self,
         keys: Sequence[BlockKey],

@@ -82,6 +82,4 @@ def _shape_name(dims: ModelShape) -> str:
     for name, known in SHAPES.items():
         if known == dims:
             return name
-    return "h{}l{}kv{}".format(
-        dims.hidden_size, dims.num_hidden_layers, dims.num_key_value_heads
-    )
+    return f"h{dims.hidden_size}l{dims.num_hidden_layers}kv{dims.num_key_value_heads}"

@@ -61,28 +61,28 @@ class _Geometry:
     kv_parts: int
 
 
+ShapeTest = Callable[[tuple[int, ...], int, int], bool]
+
+# format -> (kv_parts, rank, axis of the page's tokens, test of the other axes
+# given the shape, the KV heads and the head size)
+_SHAPES: dict[PagedFormat, tuple[int, int, int, ShapeTest]] = {
+    "kv_first": (2, 5, 2, lambda s, h, d: s[0] == 2 and s[3:] == (h, d)),
+    "page_first": (2, 5, 2, lambda s, h, d: s[1] == 2 and s[3:] == (h, d)),
+    "heads_packed": (2, 4, 2, lambda s, h, d: s[1] == h and s[3] == 2 * d),
+    "mla": (1, 4, 2, lambda s, h, d: h == 1 and s[1] == 1 and s[3] == d),
+    "mla_3d": (1, 3, 1, lambda s, h, d: h == 1 and s[2] == d),
+}
+
+
 def _fits(fmt: PagedFormat, shape: tuple[int, ...], geo: _Geometry) -> int | None:
     """Tokens per page if ``shape`` is ``fmt`` for ``geo``, else ``None``."""
-    heads, dim = geo.num_kv_heads, geo.head_size
-    tokens: int | None = None
-    if geo.kv_parts == 2 and fmt == "kv_first" and len(shape) == 5:
-        if shape[0] == 2 and shape[3:] == (heads, dim):
-            tokens = shape[2]
-    elif geo.kv_parts == 2 and fmt == "page_first" and len(shape) == 5:
-        if shape[1] == 2 and shape[3:] == (heads, dim):
-            tokens = shape[2]
-    elif geo.kv_parts == 2 and fmt == "heads_packed" and len(shape) == 4:
-        if shape[1] == heads and shape[3] == 2 * dim:
-            tokens = shape[2]
-    elif geo.kv_parts == 1 and fmt == "mla" and len(shape) == 4:
-        if heads == 1 and shape[1] == 1 and shape[3] == dim:
-            tokens = shape[2]
-    elif geo.kv_parts == 1 and fmt == "mla_3d" and len(shape) == 3:
-        if heads == 1 and shape[2] == dim:
-            tokens = shape[1]
-    if tokens is None or tokens <= 0 or geo.block_size % tokens:
+    parts, rank, axis, others = _SHAPES[fmt]
+    if parts != geo.kv_parts or len(shape) != rank:
         return None
-    return tokens
+    if not others(shape, geo.num_kv_heads, geo.head_size):
+        return None
+    tokens = shape[axis]
+    return tokens if tokens > 0 and geo.block_size % tokens == 0 else None
 
 
 def detect_format(
@@ -270,4 +270,3 @@ class PagedKV:
         for layer_id, view in enumerate(self.views):
             tokens = blocks[:, layer_id].transpose(1, 2).flatten(0, 1)
             view[page, :, offset] = tokens[first_token:last].to(view.device)
-

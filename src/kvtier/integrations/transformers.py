@@ -224,7 +224,9 @@ class PrefixCache:
 
         ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
         if ids.shape[0] != 1:
-            raise LayoutError(f"generate takes one sequence, got a batch of {ids.shape[0]}")
+            raise LayoutError(
+                f"generate takes one sequence, got a batch of {ids.shape[0]}"
+            )
         loaded = self.load(ids[0])
         cache = loaded.cache or DynamicCache(config=self.model.config)
         output = self.model.generate(ids, past_key_values=cache, **generate_kwargs)

@@ -244,7 +244,9 @@ class KVTierConnector(_ConnectorBase):  # type: ignore[misc]
         for stored in self._sched().take_stored():
             parent = stored.parent_hash
             yield BlockStored(
-                block_hashes=[maybe_convert_block_hash(h) for h in stored.engine_hashes],
+                block_hashes=[
+                    maybe_convert_block_hash(h) for h in stored.engine_hashes
+                ],
                 parent_block_hash=(
                     maybe_convert_block_hash(parent) if parent is not None else None
                 ),
@@ -268,10 +270,11 @@ class KVTierConnector(_ConnectorBase):  # type: ignore[misc]
             kv_parts=layout.kv_parts,
             prefer=self._settings.prefer,
         )
-        if paged.block_layout(layout.block_tokens) != layout:
+        found = paged.block_layout(layout.block_tokens)
+        if found != layout:
             raise LayoutError(
-                f"vLLM's KV cache tensors hold {paged.block_layout(layout.block_tokens)}"
-                f" but its KV-cache spec says {layout}"
+                f"vLLM's KV cache tensors hold {found} but its KV-cache spec says "
+                f"{layout}"
             )
         log.info("kvtier: vLLM KV cache pages are %s", paged.format)
         self._worker = WorkerSide(
