@@ -7,6 +7,8 @@
     kvtier check [--fix]        audit the disk tier's index against its segment files
     kvtier bench store          the embedded store against same-run baselines
     kvtier bench server         a node against raw sockets, memcpy, Redis and gRPC
+    kvtier demo                 prompts with shared prefixes, without and with kvtier
+    kvtier bench ttft           time to first token, full hit vs no cache
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -91,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.server.cli import register as register_server
 
     register_server(sub, common, _load)
+    from kvtier.integrations.cli import register as register_demo
+
+    register_demo(sub, common, _load)
 
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
@@ -105,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.bench.server import register as register_bench_server
 
     register_bench_server(bench_sub)
+    from kvtier.integrations.cli import register_bench as register_bench_ttft
+
+    register_bench_ttft(bench_sub)
     return parser
 
 

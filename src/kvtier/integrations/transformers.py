@@ -165,8 +165,9 @@ class PrefixCache:
             return Loaded(None, 0)
         cache = self._dynamic_cache(heads_from_blocks(data))
         num_tokens = min(data.shape[0] * self.layout.block_tokens, len(ids) - 1)
-        if cache.get_seq_length() > num_tokens:
-            cache.crop(num_tokens)  # leave the last token to compute
+        excess = cache.get_seq_length() - num_tokens
+        if excess > 0:
+            cache.crop(-excess)  # leave the last token to compute
         self.stats.loaded_tokens += num_tokens
         return Loaded(cache, num_tokens)
 
