@@ -1,4 +1,4 @@
-"""transformers: a DynamicCache saved and loaded by prefix, against a store and a node."""
+"""transformers: a DynamicCache saved and loaded by prefix, in a store or a node."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def dtype_name(dtype: Any) -> DTypeName:
         raise LayoutError(
             f"KV cache dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}"
         )
-    return cast(DTypeName, name)
+    return name
 
 
 def torch_dtype(name: DTypeName) -> torch.dtype:

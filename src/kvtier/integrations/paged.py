@@ -146,7 +146,9 @@ def _logical_view(tensor: torch.Tensor, fmt: PagedFormat) -> torch.Tensor:
     views: dict[PagedFormat, Callable[[torch.Tensor], torch.Tensor]] = {
         "kv_first": lambda t: t.transpose(0, 1),
         "page_first": lambda t: t,
-        "heads_packed": lambda t: t.unflatten(-1, (2, -1)).permute(0, 3, 2, 1, 4),
+        "heads_packed": lambda t: t.view(*t.shape[:-1], 2, t.shape[-1] // 2).permute(
+            0, 3, 2, 1, 4
+        ),
         "mla": lambda t: t.permute(0, 2, 1, 3).unsqueeze(1),
         "mla_3d": lambda t: t.unsqueeze(1).unsqueeze(3),
     }
@@ -255,9 +257,9 @@ class PagedKV:
         )
         for layer_id, view in enumerate(self.views):
             tokens = view[page, :, offset]  # slots, kv_parts, heads, head_dim
-            out[:, layer_id] = tokens.unflatten(0, (count, block_tokens)).transpose(
-                1, 2
-            )
+            out[:, layer_id] = tokens.view(
+                count, block_tokens, *tokens.shape[1:]
+            ).transpose(1, 2)
         return out
 
     def scatter(

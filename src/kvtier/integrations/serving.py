@@ -79,7 +79,8 @@ def serve(
 
 def _next(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
     logits = model(ids, past_key_values=cache, use_cache=True).logits
-    return logits[0, -1].argmax()
+    token: torch.Tensor = logits[0, -1].argmax()
+    return token
 
 
 def _sync(tensor: torch.Tensor) -> None:

@@ -124,7 +124,8 @@ class KVTierHiCacheStorage(_storage_base()):  # type: ignore[misc]
         if target is None:  # a new uint8 tensor of the page's bytes
             import torch
 
-            blocks = self._safe("get", lambda: self.backend.get(block_key), [])
+            none: list[Any] = []
+            blocks = self._safe("get", lambda: self.backend.get(block_key), none)
             return torch.from_numpy(blocks[0]) if blocks else None
         got = self._safe("get", lambda: self.backend.get_into(block_key, [target]), 0)
         return target if got == 1 else None
@@ -158,8 +159,9 @@ class KVTierHiCacheStorage(_storage_base()):  # type: ignore[misc]
 
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
         """How many leading pages of ``keys`` are stored (one request)."""
+        none: list[bool] = []
         present = self._safe(
-            "exists", lambda: self.backend.contains(self._keys(keys)), []
+            "exists", lambda: self.backend.contains(self._keys(keys)), none
         )
         run = 0
         for stored in present:
