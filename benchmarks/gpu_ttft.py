@@ -27,12 +27,12 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from kvtier.bench.store import _median_time
 from kvtier.config import load_config
 from kvtier.integrations.models import SHAPES, build_model
 from kvtier.integrations.serving import serve
@@ -42,14 +42,8 @@ from kvtier.integrations.transformers import PrefixCache
 def median_time(
     run: Callable[[], Any], repeats: int, sync: Callable[[], None]
 ) -> float:
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``run`` until the device has finished it too."""
+    return _median_time(lambda: (run(), sync()), repeats, sync)
 
 
 def raw_pinned_copy_s(

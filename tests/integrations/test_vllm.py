@@ -180,6 +180,27 @@ def step(sched: Scheduler, worker: KVTierConnector | None) -> Any:
     return out
 
 
+@pytest.fixture
+def worker(vllm_config: VllmConfig) -> Iterator[KVTierConnector]:
+    """The worker half on random LBNHC pages (vLLM's default layout)."""
+    connector = KVTierConnector(vllm_config, KVConnectorRole.WORKER, kv_cache_config())
+    connector.register_kv_caches(dict(zip(LAYERS, pages("LBNHC"), strict=True)))
+    yield connector
+    connector.shutdown()
+
+
+def serve_and_forget(
+    sched: Scheduler, worker: KVTierConnector, prompt: list[int]
+) -> Any:
+    """Serves ``prompt`` (its blocks go to kvtier), then empties vLLM's own prefix
+    cache, so that only kvtier can help the next request."""
+    sched.add_request(request("first", prompt))
+    out = step(sched, worker)
+    sched.finish_requests("first", _finished())
+    sched.reset_prefix_cache()
+    return out
+
+
 def test_connector_loads_by_module_path_and_matches_nothing_at_first(
     scheduler: Scheduler,
 ) -> None:
@@ -204,12 +225,9 @@ def test_saved_prefix_loads_bit_exact_into_other_pages(
     caches = pages(layout)
     worker.register_kv_caches(dict(zip(LAYERS, caches, strict=True)))
     prompt = list(range(1, 101))
-    scheduler.add_request(request("a", prompt))
-    first = step(scheduler, worker)
+    first = serve_and_forget(scheduler, worker, prompt)
     saved_ids = first.kv_connector_metadata.saves[0].block_ids
     before = [c[list(saved_ids)].clone() for c in caches]
-    scheduler.finish_requests("a", _finished())
-    scheduler.reset_prefix_cache()  # vLLM forgets: only kvtier can help now
     scheduler.add_request(request("b", prompt + [500, 501]))
     second = step(scheduler, worker)
     [load] = second.kv_connector_metadata.loads
@@ -222,33 +240,22 @@ def test_saved_prefix_loads_bit_exact_into_other_pages(
 
 
 def test_whole_prompt_stored_still_computes_the_last_token(
-    scheduler: Scheduler, vllm_config: VllmConfig
+    scheduler: Scheduler, worker: KVTierConnector
 ) -> None:
-    worker = KVTierConnector(vllm_config, KVConnectorRole.WORKER, kv_cache_config())
-    worker.register_kv_caches(dict(zip(LAYERS, pages("LBNHC"), strict=True)))
     prompt = list(range(64))
-    scheduler.add_request(request("a", prompt))
-    step(scheduler, worker)
-    scheduler.finish_requests("a", _finished())
-    scheduler.reset_prefix_cache()
+    serve_and_forget(scheduler, worker, prompt)
     scheduler.add_request(request("b", prompt))
     out = step(scheduler, None)
     [load] = out.kv_connector_metadata.loads
     assert out.num_scheduled_tokens["b"] == 16  # 48 loaded: vLLM block aligned
     assert (load.first, load.end, load.num_tokens) == (0, 2, 48)
-    worker.shutdown()
 
 
 def test_a_block_gone_before_the_load_is_reported_not_served(
-    scheduler: Scheduler, vllm_config: VllmConfig
+    scheduler: Scheduler, worker: KVTierConnector
 ) -> None:
-    worker = KVTierConnector(vllm_config, KVConnectorRole.WORKER, kv_cache_config())
-    worker.register_kv_caches(dict(zip(LAYERS, pages("LBNHC"), strict=True)))
     prompt = list(range(200, 300))
-    scheduler.add_request(request("a", prompt))
-    step(scheduler, worker)
-    scheduler.finish_requests("a", _finished())
-    scheduler.reset_prefix_cache()
+    serve_and_forget(scheduler, worker, prompt)
     scheduler.add_request(request("b", prompt))
     out = scheduler.schedule()
     [load] = out.kv_connector_metadata.loads
@@ -257,7 +264,6 @@ def test_a_block_gone_before_the_load_is_reported_not_served(
     worker.bind_connector_metadata(out.kv_connector_metadata)
     worker.start_load_kv(None)
     assert worker.get_block_ids_with_load_errors() == set(load.block_ids[2:6])
-    worker.shutdown()
 
 
 def test_an_unknown_page_layout_is_refused(vllm_config: VllmConfig) -> None:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from kvtier.config import Config
 from kvtier.errors import ConfigError
+from kvtier.server.cli import Loader
 
 __all__ = ["register", "register_bench"]
-
-Loader = Callable[[argparse.Namespace], Config]
 
 
 def register(sub: Any, common: argparse.ArgumentParser, load: Loader) -> None:
