@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
-
 from kvtier.core.keys import BlockKey
 from kvtier.errors import LayoutError
 from kvtier.integrations.backend import Array, Blocks
@@ -195,10 +193,3 @@ def heads_from_blocks(
         )
         layers.append((pair[0], pair[1]))
     return layers
-
-
-def as_array(tensor: torch.Tensor) -> Array:
-    """A CPU tensor as numpy (bfloat16 / float8 as same-width ints), no copy."""
-    from kvtier.layout import as_block_array
-
-    return np.asarray(as_block_array(tensor))

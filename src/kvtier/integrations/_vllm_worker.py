@@ -110,9 +110,6 @@ class WorkerSide:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
-    def close(self) -> None:
-        self.blocks.close()
-
 
 def layer_tensors(
     kv_caches: dict[str, torch.Tensor], layer_names: Sequence[str]

@@ -128,7 +128,8 @@ def _settings(vllm_config: Any, kv_cache_config: Any, worker: bool) -> _Settings
     cache = vllm_config.cache_config
     block_size = int(cache.block_size)
     block_tokens = config.store.block_tokens
-    if block_tokens % block_size or (cache.hash_block_size or block_size) != block_size:
+    hash_block_size = getattr(cache, "hash_block_size", None) or block_size
+    if block_tokens % block_size or hash_block_size != block_size:
         raise ConfigError(
             f"store.block_tokens ({block_tokens}) must be a multiple of vLLM's "
             f"block_size ({block_size}), which must equal its hash_block_size"
