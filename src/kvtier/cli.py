@@ -13,6 +13,8 @@
     kvtier cluster ...          a cluster's status, settings and quotas (etcd)
     kvtier bench cluster        placement balance and movement, throughput, failure
     kvtier bench replay         replay speed per policy, and MIN's time
+    kvtier demo                 prompts with shared prefixes, without and with kvtier
+    kvtier bench ttft           time to first token, full hit vs no cache
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
 ``KVTIER_*`` environment variables sit between the two.
@@ -103,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.sim.cli import register as register_replay
 
     register_replay(sub, common)
+    from kvtier.integrations.cli import register as register_demo
+
+    register_demo(sub, common, _load)
 
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
@@ -126,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.bench.replay import register as register_bench_replay
 
     register_bench_replay(bench_sub, common)
+    from kvtier.integrations.cli import register_bench as register_bench_ttft
+
+    register_bench_ttft(bench_sub)
     return parser
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "DiskConfig",
+    "EngineConfig",
     "MemoryConfig",
     "RouterConfig",
     "RouterModelConfig",
@@ -457,6 +458,35 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """The inference-engine integrations (vLLM, SGLang, transformers, engine API)."""
+
+    server: str = _doc(
+        "host:port of the kvtier node the engine uses ('' = an embedded store in "
+        "the engine's own process, configured by the other sections).",
+        "",
+    )
+    token: str = _doc("The node's auth token, when it has one.", "")
+    tenant: str = _doc(
+        "Tenant (and quota group) the engine's blocks are keyed and counted under.",
+        "default",
+    )
+    model_id: str = _doc(
+        "Model name in block keys ('' = the name the engine knows the model by). "
+        "Engines that must share blocks need the same name and weights.",
+        "",
+    )
+
+    def __post_init__(self) -> None:
+        if self.server and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.server):
+            raise ConfigError(
+                f"engine.server must be host:port or '', got {self.server!r}"
+            )
+        if not self.tenant:
+            raise ConfigError("engine.tenant must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of kvtier."""
 
@@ -467,6 +497,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def disk_path(self) -> Path:
@@ -541,6 +572,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "router": RouterConfig,
     "server": ServerConfig,
     "cluster": ClusterConfig,
+    "engine": EngineConfig,
 }
 
 

@@ -139,6 +139,7 @@ class EtcdCluster:
 def etcd_cluster(base: Path, size: int = 3) -> Iterator[EtcdCluster]:
     if shutil.which("etcd") is None:
         pytest.fail("etcd is not installed (apt-get install etcd-server)")
+    base.mkdir(parents=True, exist_ok=True)
     members = [
         EtcdMember(f"m{i}", free_port(), free_port(), base / f"etcd-m{i}")
         for i in range(size)
