@@ -143,3 +143,36 @@ def test_importing_kvtier_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+HEAVY = (
+    "aetcd aiohttp boto3 grpc lz4 matplotlib msgspec prometheus_client redis sglang "
+    "torch transformers vllm zmq zstandard"
+)
+
+
+def test_the_command_needs_no_extra_to_start() -> None:
+    """`kvtier --help` and every command's --help run with only the core deps: the
+    extras (aiohttp, grpc, torch, ...) load when a command that needs them runs."""
+    code = (
+        "import importlib.abc, sys\n"
+        f"heavy = set({HEAVY!r}.split())\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in heavy:\n"
+        "            raise ImportError(f'{name} is an extra')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from kvtier.cli import main\n"
+        "sys.argv = ['kvtier', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    for args in (
+        ["--help"],
+        ["cluster", "--help"],
+        ["route", "--help"],
+        ["demo", "--help"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True
+        )
+        assert out.returncode == 0 and "usage:" in out.stdout, (args, out.stderr[-800:])
