@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kvtier.bench.store import _median_time
+from kvtier.bench.timing import median_time as _median_time
 from kvtier.config import load_config
 from kvtier.integrations.models import SHAPES, build_model
 from kvtier.integrations.serving import serve

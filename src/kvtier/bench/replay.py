@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from kvtier.bench.timing import median_time
 from kvtier.sim.belady import belady
 from kvtier.sim.cli import DEFAULT_POLICIES, load_trace, parse_list
 from kvtier.sim.replay import ReplayConfig, replay
@@ -80,19 +79,10 @@ def run_replay_bench(
     }
     for policy in policies:
         config = ReplayConfig(capacity, policy)
-        seconds = _median_s(functools.partial(replay, trace, config), repeats)
+        seconds = median_time(functools.partial(replay, trace, config), repeats)
         results[f"{policy}_accesses_per_s"] = trace.num_blocks / seconds
-    results["min_s"] = _median_s(functools.partial(belady, trace, capacity), repeats)
+    results["min_s"] = median_time(functools.partial(belady, trace, capacity), repeats)
     return results
-
-
-def _median_s(work: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _print(trace: Trace, capacity: int, results: dict[str, Any]) -> None:
