@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from kvtier._pinning import pin_for_cuda, unpin
 from kvtier.client import Client, ClusterClient
 from kvtier.config import Config, load_config
 from kvtier.core.keys import BlockKey
@@ -269,9 +270,7 @@ class Blocks:
     def close(self) -> None:
         """Unpins the arena; closes the backend when this object owns it."""
         if self._pinned is not None:
-            from kvtier.client.async_client import _unpin
-
-            _unpin(self._pinned)
+            unpin(self._pinned)
             self._pinned = None
         if self._owned:
             close_backend(self.backend)
@@ -291,7 +290,5 @@ def _drain(views: Sequence[Array], sink: Sink, wait: Callable[[], None]) -> int:
 
 
 def _pin_arena(store: TieredStore) -> int | None:
-    """Page-locks the embedded arena for CUDA (the client's helper, reused)."""
-    from kvtier.client.async_client import _pin_for_cuda
-
-    return _pin_for_cuda(store.arena_view(0, store.arena_bytes), None)
+    """Page-locks the embedded arena for CUDA when torch sees a GPU."""
+    return pin_for_cuda(store.arena_view(0, store.arena_bytes), None)
