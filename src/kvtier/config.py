@@ -252,6 +252,12 @@ class RouterConfig:
     """``kvtier route``: engine KV events -> global index -> the pod for a prompt."""
 
     listen: str = _doc("HOST:PORT of the router's HTTP API.", "127.0.0.1:8790")
+    auth_token: str = _doc(
+        "Bearer token the router's HTTP API requires on every path but /healthz and "
+        "/openapi.json (pods can be added there: set one when others can reach it); "
+        "'' = none.",
+        "",
+    )
     bind_endpoint: str = _doc(
         "ZMQ endpoint the router binds for pods that publish to it (topic "
         "kv@<pod>@<model> names the pod, which is added when first heard); '' = none.",

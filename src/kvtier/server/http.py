@@ -19,15 +19,13 @@ get 400 with ``{"error": message}``.
 
 from __future__ import annotations
 
-import hmac
-import json
 import ssl
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvtier._http import bearer_auth, error, json_object, openapi_handler
 from kvtier.core.keys import BlockKey
 from kvtier.results import jsonable
 
@@ -46,7 +44,12 @@ class _BadRequest(Exception):
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=16 << 20)
+    auth = bearer_auth(
+        lambda request: node.config.server.auth_token,
+        frozenset({"/healthz", "/readyz", "/openapi.json"}),
+        "the node's token",
+    )
+    app = web.Application(middlewares=[_errors, auth], client_max_size=16 << 20)
     app[NODE_KEY] = node
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -56,7 +59,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_post("/v1/contains", _contains)
     app.router.add_get("/v1/keys", _keys)
     app.router.add_get("/v1/cluster", _cluster)
-    app.router.add_get("/openapi.json", _openapi)
+    app.router.add_get("/openapi.json", openapi_handler("kvtier.server"))
     return app
 
 
@@ -70,31 +73,13 @@ async def start_http(
     return runner
 
 
-_OPEN = {"/healthz", "/readyz", "/openapi.json"}
-
-
-@web.middleware
-async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    token = request.app[NODE_KEY].config.server.auth_token
-    if token and request.path not in _OPEN:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given, f"Bearer {token}"):
-            return _error(401, "send Authorization: Bearer <the node's token>")
-    response: web.StreamResponse = await handler(request)
-    return response
-
-
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         response: web.StreamResponse = await handler(request)
         return response
     except _BadRequest as exc:
-        return _error(400, str(exc))
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+        return error(400, str(exc))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -116,7 +101,7 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _match(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_object(request, _BadRequest)
     keys = _hex_keys(body)
     window = body.get("window")
     if window is not None and (not isinstance(window, int) or window <= 0):
@@ -126,7 +111,7 @@ async def _match(request: web.Request) -> web.Response:
 
 
 async def _contains(request: web.Request) -> web.Response:
-    keys = _hex_keys(await _json_body(request))
+    keys = _hex_keys(await json_object(request, _BadRequest))
     return web.json_response({"present": request.app[NODE_KEY].store.contains(keys)})
 
 
@@ -140,23 +125,8 @@ async def _keys(request: web.Request) -> web.Response:
 async def _cluster(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     if node.cluster is None:
-        return _error(404, "this node is not in a cluster (server runs standalone)")
+        return error(404, "this node is not in a cluster (server runs standalone)")
     return web.json_response(node.cluster.view())
-
-
-async def _openapi(request: web.Request) -> web.Response:
-    text = resources.files("kvtier.server").joinpath("openapi.json").read_text()
-    return web.json_response(json.loads(text))
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _BadRequest(f"the body must be JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise _BadRequest("the body must be a JSON object")
-    return body
 
 
 def _hex_keys(body: dict[str, Any]) -> list[BlockKey]:
