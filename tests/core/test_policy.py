@@ -400,3 +400,32 @@ def test_policy_matches_model(name: str, ops: list[tuple[object, ...]]) -> None:
         assert {key for key in KEY_NAMES if k(key) in policy} == set(model.sizes)
         assert len(policy) == len(model.sizes)
         assert policy.total_bytes == sum(model.sizes.values())
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@settings(max_examples=40, deadline=None)
+@given(
+    parents=st.lists(st.integers(min_value=-1, max_value=30), min_size=1, max_size=40),
+    touched=st.lists(st.integers(min_value=0, max_value=39), max_size=10),
+)
+def test_load_is_inserting_in_order(
+    name: str, parents: list[int], touched: list[int]
+) -> None:
+    """A reopened tier's bulk load leaves the policy choosing the same victims, in
+    the same order, as inserting the same blocks one by one (chains included)."""
+    blocks = [
+        (k(f"b{i}"), 10 + i, k(f"b{p}") if 0 <= p < i else None)
+        for i, p in enumerate(parents)
+    ]
+    one_by_one, loaded = make_policy(name), make_policy(name)
+    for key, nbytes, parent in blocks:
+        one_by_one.insert(key, nbytes, parent, 1.0)
+    loaded.load(blocks, 1.0)
+    assert (
+        len(loaded) == len(one_by_one) and loaded.total_bytes == one_by_one.total_bytes
+    )
+    for i in touched:  # both keep working the same afterwards
+        if i < len(blocks):
+            one_by_one.touch(blocks[i][0], 2.0 + i)
+            loaded.touch(blocks[i][0], 2.0 + i)
+    assert drain(loaded, 50.0) == drain(one_by_one, 50.0)

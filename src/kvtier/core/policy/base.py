@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 from collections import OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 from kvtier.core.keys import BlockKey
@@ -82,6 +82,20 @@ class EvictionPolicy(abc.ABC):
         Raises:
             ValueError: ``nbytes`` is negative.
         """
+
+    def load(
+        self, blocks: Iterable[tuple[BlockKey, int, BlockKey | None]], now: float
+    ) -> None:
+        """Records blocks the tier already held when it opened, oldest first: the
+        same as inserting them in that order. Policies with a faster bulk path (one
+        heap build instead of a push per block) override it.
+
+        Args:
+            blocks: ``(key, nbytes, parent)`` per block.
+            now: The current time in seconds.
+        """
+        for key, nbytes, parent in blocks:
+            self.insert(key, nbytes, parent, now)
 
     @abc.abstractmethod
     def touch(self, key: BlockKey, now: float) -> None:

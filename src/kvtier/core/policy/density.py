@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import ClassVar
 
 from kvtier.core.keys import BlockKey
@@ -228,6 +229,28 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
         self._count_insert(now)
         self._access(key, entry, now)
 
+    def load(
+        self, blocks: Iterable[tuple[BlockKey, int, BlockKey | None]], now: float
+    ) -> None:
+        """Inserts in order, but builds the leaf heaps once at the end, and does not
+        count the blocks as arrivals (the insert rate is of new blocks)."""
+        for key, nbytes, parent in blocks:
+            check_nbytes(nbytes)
+            if key in self._entries:
+                self.insert(key, nbytes, parent, now)
+                continue
+            if parent == key:
+                parent = None
+            entry = self._entries[key] = _Entry(nbytes, None, self._inherited(parent))
+            self._total_bytes += nbytes
+            self._link(key, entry, parent)
+            entry.last_access = now
+            entry.cls = min(entry.num_accesses, self._num_classes) - 1
+            entry.tick = self._tick
+            self._tick += 1
+            self._stats.num_accesses[entry.cls] += 1
+        self._rebuild()
+
     def _inherited(self, parent: BlockKey | None) -> int:
         if parent is None:
             return 1
@@ -301,8 +324,11 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
     def _maybe_rebuild(self) -> None:
         # Only outside eviction: a rebuild while _victims holds vetoed items out of the
         # heaps would queue them twice.
-        if self._num_heap_items <= 6 * len(self._entries) + self._HEAP_SLACK:
-            return
+        if self._num_heap_items > 6 * len(self._entries) + self._HEAP_SLACK:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The leaf heaps anew from the entries: every leaf once, nothing stale."""
         self._heaps = [([], []) for _ in range(self._num_classes)]
         for key, entry in self._entries.items():
             if key not in self._num_children:
