@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set memory.capacity_bytes=8GiB",
     )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # commands that read no configuration (the benches, replay) take -v alone
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     info = sub.add_parser("info", parents=[common], help="configuration, tiers, usage")
@@ -104,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     register_cluster(sub)
     from kvtier.sim.cli import register as register_replay
 
-    register_replay(sub, common)
+    register_replay(sub, verbose)
     from kvtier.integrations.cli import register as register_demo
 
     register_demo(sub, common, _load)
@@ -112,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     store = bench_sub.add_parser(
-        "store", parents=[common], help="memory and disk tiers, reopen, keys + match"
+        "store", parents=[verbose], help="memory and disk tiers, reopen, keys + match"
     )
     store.add_argument("--quick", action="store_true", help="smaller sizes (~20 s)")
     store.add_argument("--json", action="store_true", help="end with one JSON object")
@@ -130,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     register_router(sub, bench_sub, common, _load)
     from kvtier.bench.replay import register as register_bench_replay
 
-    register_bench_replay(bench_sub, common)
+    register_bench_replay(bench_sub, verbose)
     from kvtier.integrations.cli import register_bench as register_bench_ttft
 
     register_bench_ttft(bench_sub)
