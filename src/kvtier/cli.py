@@ -5,13 +5,17 @@
     kvtier info                 configuration, tiers and their usage
     kvtier config               the resolved configuration (YAML), or --markdown docs
     kvtier check [--fix]        audit a stopped node's data offline, and repair it
+    kvtier replay TRACE         hit ratio per capacity and policy on a trace, vs MIN
     kvtier bench store          the embedded store against same-run baselines
     kvtier route                KV-aware router for inference pods (kvtier.router.cli)
     kvtier bench route          event ingestion, route latency, index memory
     kvtier bench server         a node against raw sockets, memcpy, Redis and gRPC
     kvtier cluster ...          a cluster's status, settings and quotas (etcd)
     kvtier bench cluster        placement balance and movement, throughput, failure
-    kvtier chaos crash          SIGKILL a node mid-load, restart, verify every block
+    kvtier bench replay         replay speed per policy, and MIN's time
+    kvtier demo                 prompts with shared prefixes, without and with kvtier
+    kvtier bench ttft           time to first token, full hit vs no cache
+    kvtier chaos crash|faults   kill a node mid-load, inject faults; verify every block
     kvtier bench soak           64 clients mixing match / get / put, leaks and RSS
 
 Every command takes ``--config FILE`` and ``--set section.key=value`` (repeatable);
@@ -76,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         "--set memory.capacity_bytes=8GiB",
     )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # commands that read no configuration (the benches, replay) take -v alone
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     info = sub.add_parser("info", parents=[common], help="configuration, tiers, usage")
@@ -107,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.cluster.cli import register as register_cluster
 
     register_cluster(sub)
+    from kvtier.sim.cli import register as register_replay
+
+    register_replay(sub, verbose)
+    from kvtier.integrations.cli import register as register_demo
+
+    register_demo(sub, common, _load)
     from kvtier.chaos.cli import register as register_chaos
 
     register_chaos(sub)
@@ -114,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines")
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     store = bench_sub.add_parser(
-        "store", parents=[common], help="memory and disk tiers, reopen, keys + match"
+        "store", parents=[verbose], help="memory and disk tiers, reopen, keys + match"
     )
     store.add_argument("--quick", action="store_true", help="smaller sizes (~20 s)")
     store.add_argument("--json", action="store_true", help="end with one JSON object")
@@ -133,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     from kvtier.router.cli import register as register_router
 
     register_router(sub, bench_sub, common, _load)
+    from kvtier.bench.replay import register as register_bench_replay
+
+    register_bench_replay(bench_sub, verbose)
+    from kvtier.integrations.cli import register_bench as register_bench_ttft
+
+    register_bench_ttft(bench_sub)
     return parser
 
 

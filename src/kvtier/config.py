@@ -41,6 +41,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "DiskConfig",
+    "EngineConfig",
     "MemoryConfig",
     "RouterConfig",
     "RouterModelConfig",
@@ -57,7 +58,9 @@ ENV_PREFIX = "KVTIER_"
 GiB = 1 << 30
 MiB = 1 << 20
 
-PolicyName = Literal["lru", "weighted_lru", "leaf_lru", "s3fifo"]
+PolicyName = Literal[
+    "lru", "weighted_lru", "leaf_lru", "s3fifo", "arc", "lfu", "hit_density"
+]
 WritePolicy = Literal["write_through", "write_behind", "write_back"]
 CodecName = Literal["none", "lz4", "zstd"]
 
@@ -147,7 +150,10 @@ class MemoryConfig:
     """The memory tier: one preallocated arena."""
 
     capacity_bytes: int = _doc("Size of the memory arena.", 4 * GiB)
-    policy: PolicyName = _doc("Eviction policy of the memory tier.", "leaf_lru")
+    policy: PolicyName = _doc(
+        "Eviction policy of the memory tier (docs/replay.md compares them).",
+        "hit_density",
+    )
     slab_bytes: int = _doc("Target slab size of the arena allocator.", 4 * MiB)
     huge_pages: bool = _doc("Ask for transparent huge pages for the arena.", True)
     shared: bool = _doc(
@@ -168,7 +174,7 @@ class DiskConfig:
     enabled: bool = _doc("Keep a disk tier below memory.", True)
     path: str = _doc("Directory of the disk tier ('' = <store.data_dir>/disk).", "")
     capacity_bytes: int = _doc("Most bytes the disk tier may use.", 32 * GiB)
-    policy: PolicyName = _doc("Eviction policy of the disk tier.", "leaf_lru")
+    policy: PolicyName = _doc("Eviction policy of the disk tier.", "hit_density")
     segment_bytes: int = _doc("Size of one append-only segment file.", 256 * MiB)
     fsync: bool = _doc(
         "fsync segments before committing the index (survives power loss; slower).",
@@ -246,6 +252,12 @@ class RouterConfig:
     """``kvtier route``: engine KV events -> global index -> the pod for a prompt."""
 
     listen: str = _doc("HOST:PORT of the router's HTTP API.", "127.0.0.1:8790")
+    auth_token: str = _doc(
+        "Bearer token the router's HTTP API requires on every path but /healthz and "
+        "/openapi.json (pods can be added there: set one when others can reach it); "
+        "'' = none.",
+        "",
+    )
     bind_endpoint: str = _doc(
         "ZMQ endpoint the router binds for pods that publish to it (topic "
         "kv@<pod>@<model> names the pod, which is added when first heard); '' = none.",
@@ -495,6 +507,35 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """The inference-engine integrations (vLLM, SGLang, transformers, engine API)."""
+
+    server: str = _doc(
+        "host:port of the kvtier node the engine uses ('' = an embedded store in "
+        "the engine's own process, configured by the other sections).",
+        "",
+    )
+    token: str = _doc("The node's auth token, when it has one.", "")
+    tenant: str = _doc(
+        "Tenant (and quota group) the engine's blocks are keyed and counted under.",
+        "default",
+    )
+    model_id: str = _doc(
+        "Model name in block keys ('' = the name the engine knows the model by). "
+        "Engines that must share blocks need the same name and weights.",
+        "",
+    )
+
+    def __post_init__(self) -> None:
+        if self.server and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.server):
+            raise ConfigError(
+                f"engine.server must be host:port or '', got {self.server!r}"
+            )
+        if not self.tenant:
+            raise ConfigError("engine.tenant must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of kvtier."""
 
@@ -505,6 +546,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def disk_path(self) -> Path:
@@ -579,6 +621,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "router": RouterConfig,
     "server": ServerConfig,
     "cluster": ClusterConfig,
+    "engine": EngineConfig,
 }
 
 

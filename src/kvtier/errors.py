@@ -13,6 +13,7 @@ callers that expect it::
     ├── EventFormatError   (ValueError)  an engine KV event batch that does not decode
     ├── RouteError         (ValueError)  a route request that cannot be answered
     ├── UnknownPodError    (LookupError) the router follows no pod of that id
+    ├── TraceFormatError   (ValueError)  a request trace line the simulator cannot read
     ├── StoreClosedError                 the store was used after close()
     ├── StorageError                     a tier could not do its I/O
     │   └── CorruptBlockError            a stored block failed its checksum
@@ -50,6 +51,7 @@ __all__ = [
     "RouteError",
     "StorageError",
     "StoreClosedError",
+    "TraceFormatError",
     "UnknownPodError",
 ]
 
@@ -84,6 +86,18 @@ class RouteError(KVTierError, ValueError):
 
 class UnknownPodError(KVTierError, LookupError):
     """The router follows no pod of that id."""
+
+
+class TraceFormatError(KVTierError, ValueError):
+    """A line of a request trace or access log is malformed.
+
+    The message names the file, the line number and what was wrong; the line's
+    number is also in ``line_number`` (0 when the error is not about one line).
+    """
+
+    def __init__(self, message: str, line_number: int = 0) -> None:
+        super().__init__(message)
+        self.line_number = line_number
 
 
 class StoreClosedError(KVTierError):

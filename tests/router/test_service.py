@@ -422,3 +422,26 @@ def test_metrics_health_and_openapi(cluster: Any) -> None:
         if method != "parameters"
     }
     assert app_routes == documented
+
+
+def test_with_a_token_every_path_but_health_and_openapi_needs_it(cluster: Any) -> None:
+    live, _ = cluster({"a": {}}, auth_token="s3cret")
+    routes = sorted(
+        (r.method, r.resource.canonical.replace("{pod_id}", "a"))  # type: ignore[union-attr]
+        for r in live.service._runner.app.router.routes()  # type: ignore[union-attr]
+        if r.method != "HEAD"
+    )
+    open_paths = {"/healthz", "/openapi.json"}
+    assert len(routes) >= 8
+    for method, path in routes:
+        body = {} if method == "POST" else None
+        for token in (None, "wrong", "s3cre", "s3cret2"):
+            status, got = live.request(method, path, body, token=token)
+            if path in open_paths:
+                assert status == 200, (method, path, token)
+            else:
+                assert status == 401 and "Bearer" in got["error"], (method, path, token)
+    # the right token gets through: reads answer, a bad body is a 400, not a 401
+    assert live.request("GET", "/v1/pods", token="s3cret")[0] == 200
+    assert live.request("POST", "/v1/route", {}, token="s3cret")[0] == 400
+    assert live.request("GET", "/v1/pods/a", token="s3cret")[0] == 200

@@ -6,7 +6,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,11 +16,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from kvtier.bench.timing import free_port
 
 
 @dataclass
@@ -139,6 +134,7 @@ class EtcdCluster:
 def etcd_cluster(base: Path, size: int = 3) -> Iterator[EtcdCluster]:
     if shutil.which("etcd") is None:
         pytest.fail("etcd is not installed (apt-get install etcd-server)")
+    base.mkdir(parents=True, exist_ok=True)
     members = [
         EtcdMember(f"m{i}", free_port(), free_port(), base / f"etcd-m{i}")
         for i in range(size)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -18,12 +17,6 @@ import pytest
 from kvtier.chaos.node import NodeProcess as ChaosNode
 from kvtier.chaos.node import NodeSpec
 from kvtier.client import Client
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from kvtier.bench.timing import free_port
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

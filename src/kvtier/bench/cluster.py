@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.bench.timing import free_port
 from kvtier.core.placement import Member, Placement
 
 __all__ = ["register", "run_cluster_bench"]
@@ -111,15 +112,9 @@ def placement_figures(num_keys: int) -> dict[str, float]:
     return figures
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _etcd(base: Path) -> Iterator[str]:
-    client, peer = _free_port(), _free_port()
+    client, peer = free_port(), free_port()
     proc = subprocess.Popen(
         [
             "etcd",
@@ -183,7 +178,7 @@ def _nodes(base: Path, etcd: str, count: int) -> Iterator[tuple[str, list[Any]]]
                         "--data-dir",
                         str(base / f"n{i}"),
                         "--port",
-                        str(_free_port()),
+                        str(free_port()),
                         "--http-port",
                         "0",
                         "--grpc-port",

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.bench.timing import free_port, paired
 from kvtier.client import AsyncClient, Client
 from kvtier.core.keys import BlockKey, Namespace, block_keys
 
@@ -144,12 +144,6 @@ def _suffix(figures: dict[str, float], label: str) -> dict[str, float]:
 # ---------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class NodeAddress:
     tcp: str
@@ -238,24 +232,6 @@ def _startup(data_dir: Path, cfg: ServerBenchConfig) -> float:
 # ---------------------------------------------------------------- measurements
 
 
-def _paired(
-    baseline: Callable[[], None],
-    subject: Callable[[], None],
-    repeats: int,
-    subject_setup: Callable[[], None] = lambda: None,
-) -> tuple[float, float]:
-    base, subj = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        baseline()
-        base.append(time.perf_counter() - start)
-        subject_setup()
-        start = time.perf_counter()
-        subject()
-        subj.append(time.perf_counter() - start)
-    return statistics.median(base), statistics.median(subj)
-
-
 def _keys(count: int, salt: str) -> list[BlockKey]:
     return list(block_keys(Namespace(f"bench-{salt}", block_tokens=1), range(count)))
 
@@ -279,13 +255,13 @@ def _bench_shm(
                 np.copyto(out, dst[i * size : (i + 1) * size])
 
         copy_in()
-        put_base, put_s = _paired(
+        put_base, put_s = paired(
             copy_in,
             lambda: _must(client.put(keys, blocks)),
             cfg.repeats,
-            lambda: _clear(client, keys),
+            subject_setup=lambda: _clear(client, keys),
         )
-        get_base, get_s = _paired(
+        get_base, get_s = paired(
             copy_out,
             lambda: _must(client.get_into(keys, outs) == len(keys)),
             cfg.repeats,
@@ -378,13 +354,13 @@ def _bench_tcp(
                 while view:
                     view = view[source.recv_into(view) :]
 
-        put_base, put_s = _paired(
+        put_base, put_s = paired(
             raw_put,
             lambda: _must(client.put(keys, blocks)),
             cfg.repeats,
-            lambda: _clear(client, keys),
+            subject_setup=lambda: _clear(client, keys),
         )
-        get_base, get_s = _paired(
+        get_base, get_s = paired(
             raw_get,
             lambda: _must(client.get_into(keys, outs) == len(keys)),
             cfg.repeats,
@@ -438,36 +414,16 @@ def _bench_grpc(
         def clear() -> None:
             client.delete(keys)
 
-        put_grpc, put_s = _paired_subject_first(
-            grpc_put, lambda: _must(client.put(keys, blocks)), cfg.repeats, clear
+        put_grpc, put_s = paired(
+            grpc_put, lambda: _must(client.put(keys, blocks)), cfg.repeats, clear, clear
         )
-        get_grpc, get_s = _paired(
+        get_grpc, get_s = paired(
             grpc_get,
             lambda: _must(client.get_into(keys, outs) == len(keys)),
             cfg.repeats,
         )
         clear()
     return {"grpc_put_ratio": put_grpc / put_s, "grpc_get_ratio": get_grpc / get_s}
-
-
-def _paired_subject_first(
-    other: Callable[[], None],
-    subject: Callable[[], None],
-    repeats: int,
-    clear: Callable[[], None],
-) -> tuple[float, float]:
-    """Both sides store into the node, so each starts from an empty node."""
-    other_times, subject_times = [], []
-    for _ in range(repeats):
-        clear()
-        start = time.perf_counter()
-        other()
-        other_times.append(time.perf_counter() - start)
-        clear()
-        start = time.perf_counter()
-        subject()
-        subject_times.append(time.perf_counter() - start)
-    return statistics.median(other_times), statistics.median(subject_times)
 
 
 @contextlib.contextmanager
@@ -552,11 +508,16 @@ def _bench_redis(
                 client.delete(keys)
                 server.flushall()
 
-            put_redis, put_s = _paired_subject_first(
-                redis_put, lambda: _must(client.put(keys, blocks)), cfg.repeats, clear
+            # both sides store into a server: each starts from an empty one
+            put_redis, put_s = paired(
+                redis_put,
+                lambda: _must(client.put(keys, blocks)),
+                cfg.repeats,
+                clear,
+                clear,
             )
             redis_put()  # both hold the blocks for the gets
-            get_redis, get_s = _paired(
+            get_redis, get_s = paired(
                 redis_get,
                 lambda: _must(client.get_into(keys, outs) == len(keys)),
                 cfg.repeats,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.bench.timing import median_time, paired
 from kvtier.config import Config, DiskConfig, MemoryConfig, StoreConfig
 from kvtier.core.index import BlockMeta
 from kvtier.core.keys import BlockKey, Namespace, block_keys
@@ -86,41 +86,6 @@ def _scratch_dir(directory: str | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _median_time(
-    fn: Callable[[], None], repeats: int, setup: Callable[[], None]
-) -> float:
-    times = []
-    for _ in range(repeats):
-        setup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _paired(
-    baseline: Callable[[], None],
-    subject: Callable[[], None],
-    repeats: int,
-    baseline_setup: Callable[[], None],
-    subject_setup: Callable[[], None],
-) -> tuple[float, float]:
-    """Median times of a baseline and a subject, run alternately so both see the
-    same machine (a shared, noisy one) over the same stretch of time."""
-    base_times: list[float] = []
-    subject_times: list[float] = []
-    for _ in range(repeats):
-        for setup, fn, times in (
-            (baseline_setup, baseline, base_times),
-            (subject_setup, subject, subject_times),
-        ):
-            setup()
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(base_times), statistics.median(subject_times)
-
-
 def _blocks(count: int, nbytes: int, seed: int) -> list[np.ndarray[Any, Any]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, nbytes, dtype=np.uint8) for _ in range(count)]
@@ -154,15 +119,14 @@ def _bench_memory(cfg: StoreBenchConfig, scratch: Path) -> dict[str, float]:
     repeats = cfg.repeats * 4  # each run is short: take more of them
     with TieredStore(config) as store:
         store.put(keys, sources)  # touch the arena's pages once, like the baseline's
-        copy_in_s, put_s = _paired(
+        copy_in_s, put_s = paired(
             copy_in,
             lambda: _put_all(store, keys, sources),
             repeats,
-            _noop,
-            lambda: _delete_all(store, keys),
+            subject_setup=lambda: _delete_all(store, keys),
         )
-        copy_out_s, get_s = _paired(
-            copy_out, lambda: _get_all(store, keys, outs), repeats, _noop, _noop
+        copy_out_s, get_s = paired(
+            copy_out, lambda: _get_all(store, keys, outs), repeats
         )
         if not all(np.array_equal(a, b) for a, b in zip(outs, sources, strict=True)):
             raise RuntimeError("benchmark memory get returned wrong bytes")
@@ -173,10 +137,6 @@ def _bench_memory(cfg: StoreBenchConfig, scratch: Path) -> dict[str, float]:
         "memory_put_ratio": copy_in_s / put_s,
         "memory_get_ratio": copy_out_s / get_s,
     }
-
-
-def _noop() -> None:
-    pass
 
 
 def _delete_all(store: TieredStore, keys: list[BlockKey]) -> None:
@@ -231,7 +191,7 @@ def _bench_disk(
             if not all(tiers[-1].write(items)):
                 raise RuntimeError("benchmark disk write was refused")
 
-    plain_s, tier_s = _paired(
+    plain_s, tier_s = paired(
         plain_write,
         tier_write,
         cfg.repeats,
@@ -272,7 +232,7 @@ def _bench_cold_read(
             if not tier.read_into(key, out.data):
                 raise RuntimeError("benchmark disk read missed")
 
-    plain_s, tier_s = _paired(
+    plain_s, tier_s = paired(
         plain_read,
         tier_read,
         cfg.repeats,
@@ -349,9 +309,9 @@ def _bench_keys(cfg: StoreBenchConfig, scratch: Path) -> dict[str, float]:
             if store.match(block_keys(ns, tokens)).num_blocks != len(keys):
                 raise RuntimeError("benchmark match missed")
 
-        match_s = _median_time(keys_and_match, runs, _noop)
-    keys_s = _median_time(lambda: _keys_of(ns, tokens), runs, _noop)
-    list_s = _median_time(lambda: _keys_of(ns, token_list), runs, _noop)
+        match_s = median_time(keys_and_match, runs)
+    keys_s = median_time(lambda: _keys_of(ns, tokens), runs)
+    list_s = median_time(lambda: _keys_of(ns, token_list), runs)
     return {
         "prompt_blocks": float(len(keys)),
         "keys_128k_ms": keys_s * 1e3,

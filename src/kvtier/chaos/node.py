@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from kvtier.bench.timing import free_port
 from kvtier.client import Client
 from kvtier.errors import KVTierError
 
-__all__ = ["NodeProcess", "NodeSpec", "free_port"]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["NodeProcess", "NodeSpec"]
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ import logging
 import mmap
 import os
 import ssl
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
+from kvtier._pinning import pin_for_cuda, unpin
 from kvtier._sockio import host_id
 from kvtier.client.connection import Connection
 from kvtier.core.keys import BlockKey, KeyChain
@@ -183,7 +183,7 @@ class AsyncClient:
         os.close(conn.arena_fd)  # the mapping keeps the memory
         self._arena = np.frombuffer(self._arena_map, dtype=np.uint8)
         self._target = unix_name
-        self._pinned_ptr = _pin_for_cuda(self._arena, self._pin)
+        self._pinned_ptr = pin_for_cuda(self._arena, self._pin)
         return conn
 
     @property
@@ -197,7 +197,7 @@ class AsyncClient:
                 await conn.close()
         self._pool = []
         if self._pinned_ptr is not None:
-            _unpin(self._pinned_ptr)
+            unpin(self._pinned_ptr)
             self._pinned_ptr = None
         self._arena = None
         if self._arena_map is not None:
@@ -459,39 +459,6 @@ class AsyncClient:
                 "two-phase calls need the same-host shared-memory path"
             )
         return self._arena
-
-
-def _pin_for_cuda(arena: Array, wanted: bool | None) -> int | None:
-    """Page-locks the mapped arena for CUDA; returns its address when pinned."""
-    if wanted is False:
-        return None
-    # Auto mode looks only at a torch the program already imported: importing it
-    # here would cost seconds to clients that never touch a GPU.
-    torch = sys.modules.get("torch")
-    if wanted and torch is None:
-        try:
-            import torch
-        except ImportError:
-            torch = None
-    if torch is None or not torch.cuda.is_available():
-        if wanted:
-            raise ConnectionLostError("pin_memory=True needs torch with a CUDA device")
-        return None
-    pointer = int(arena.ctypes.data)
-    cudart = torch.cuda.cudart()
-    status = cudart.cudaHostRegister(pointer, arena.nbytes, 0)
-    if int(status) != 0:
-        log.warning(
-            "cudaHostRegister of the arena failed (%s): copies stay sync", status
-        )
-        return None
-    return pointer
-
-
-def _unpin(pointer: int) -> None:
-    import torch
-
-    torch.cuda.cudart().cudaHostUnregister(pointer)  # type: ignore[no-untyped-call]
 
 
 def _chain_body(keys: Sequence[BlockKey]) -> dict[str, Any]:

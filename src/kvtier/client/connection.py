@@ -69,6 +69,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._header = bytearray(proto.HEADER.size)
         self._error: Exception | None = None
+        self._closed_here = False
 
     @classmethod
     async def open(
@@ -159,7 +160,7 @@ class Connection:
         if self._error is not None:
             return
         waiting = _Waiting(0, op, asyncio.get_running_loop().create_future())
-        waiting.future.add_done_callback(_log_failure)
+        waiting.future.add_done_callback(self._log_failure)
         async with self._send_lock:
             waiting.request_id = next(self._ids) & 0xFFFFFFFF
             frame = proto.encode_frame(Kind.REQUEST, op, waiting.request_id, body)
@@ -227,14 +228,17 @@ class Connection:
         self.channel.close()
 
     async def close(self) -> None:
+        self._closed_here = True
         self._fail(ConnectionLostError("the connection was closed"))
 
-
-def _log_failure(future: asyncio.Future[dict[str, Any]]) -> None:
-    # Only releases are posted, and a release that fails is harmless: the node ends a
-    # connection's leases when it closes, and every lease at its deadline.
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("a request without a waiter failed: %s", future.exception())
+    def _log_failure(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        """Reports a request nobody awaits (a lease's release) that failed; one cut
+        short by closing the connection is expected (the node drops the session's
+        leases with it), so that one is only a debug line."""
+        if future.cancelled() or future.exception() is None:
+            return
+        level = logging.DEBUG if self._closed_here else logging.WARNING
+        log.log(level, "a request without a waiter failed: %s", future.exception())
 
 
 def _retrieved(future: asyncio.Future[dict[str, Any]]) -> None:

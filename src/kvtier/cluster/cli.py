@@ -18,12 +18,13 @@ import asyncio
 import json
 import urllib.request
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvtier.cluster.etcd import Etcd
-from kvtier.cluster.membership import Membership, NodeInfo
 from kvtier.config import parse_bytes
 from kvtier.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvtier.cluster.membership import Membership, NodeInfo
 
 __all__ = ["register"]
 
@@ -50,6 +51,10 @@ def register(sub: Any) -> None:
 
 
 async def _membership(args: argparse.Namespace) -> Membership:
+    # aiohttp (the `cluster` extra) loads when a cluster command runs, not for --help
+    from kvtier.cluster.etcd import Etcd
+    from kvtier.cluster.membership import Membership
+
     etcd = Etcd(args.etcd.split(","))
     await etcd.connect()
     membership = Membership(etcd, args.cluster)

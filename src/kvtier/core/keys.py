@@ -32,6 +32,7 @@ from kvtier.errors import KeyFormatError
 
 __all__ = [
     "KEY_BYTES",
+    "MAX_BLOCK_TOKENS",
     "BlockKey",
     "HashAlgo",
     "KeyChain",
@@ -70,21 +71,26 @@ def key_hex(key: bytes) -> str:
     return key.hex()
 
 
+MAX_BLOCK_TOKENS = 2**31 - 1  # and the most tp_size: sane, and msgpack packs them
+
+
 @dataclass(frozen=True)
 class Namespace:
     """What a block key is seeded by. Equal keys need equal namespaces.
 
     Attributes:
-        model_id: The model's name or path, as the engine knows it. layout_id: The KV
-        layout fingerprint (``KVLayout.layout_id``); blocks of different
-            dtypes, layer counts or head shapes never share keys.
+        model_id: The model's name or path, as the engine knows it.
+        layout_id: The KV layout fingerprint (``KVLayout.layout_id``); blocks of
+            different dtypes, layer counts or head shapes never share keys.
         block_tokens: Tokens per block (default 256; a multiple of the engine's block
-        size). tp_rank: Tensor-parallel rank of the worker whose KV shard this is.
-        tp_size: Tensor-parallel world size. tenant: Tenant or instance group; also the
-        quota group of the blocks. cache_salt: Extra per-request salt (vLLM's
-        ``cache_salt``) to isolate users. lora_id: LoRA adapter name, or "" for the base
-        model. hash_algo: Hash function of the key chain. hash_seed: Explicit seed of
-        the namespace root hash.
+            size), in [1, 2**31 - 1].
+        tp_rank: Tensor-parallel rank of the worker whose KV shard this is.
+        tp_size: Tensor-parallel world size, in [1, 2**31 - 1].
+        tenant: Tenant or instance group; also the quota group of the blocks.
+        cache_salt: Extra per-request salt (vLLM's ``cache_salt``) to isolate users.
+        lora_id: LoRA adapter name, or "" for the base model.
+        hash_algo: Hash function of the key chain.
+        hash_seed: Explicit seed of the namespace root hash.
     """
 
     model_id: str
@@ -100,9 +106,13 @@ class Namespace:
     _root: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.block_tokens <= 0:
+        if not 0 < self.block_tokens <= MAX_BLOCK_TOKENS:
             raise KeyFormatError(
-                f"block_tokens must be a positive integer, got {self.block_tokens}"
+                f"block_tokens must be in [1, 2**31 - 1], got {self.block_tokens}"
+            )
+        if not 0 < self.tp_size <= MAX_BLOCK_TOKENS:
+            raise KeyFormatError(
+                f"tp_size must be in [1, 2**31 - 1], got {self.tp_size}"
             )
         if not 0 <= self.tp_rank < self.tp_size:
             raise KeyFormatError(

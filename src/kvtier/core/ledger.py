@@ -117,20 +117,19 @@ class Ledger:
         The budget and quotas are charged once per group rather than per block, which
         keeps reopening a tier of 100,000 blocks well under a second of ledger work.
         """
-        policy = self.accounts[tier_id].policy
         group_totals: dict[str, tuple[int, int]] = {}
-        count = 0
+        loaded: list[tuple[BlockKey, int, BlockKey | None]] = []
         for key, meta in blocks:
             self.index.add(key, meta, tier_id)
-            policy.insert(key, meta.nbytes, meta.parent, now)
+            loaded.append((key, meta.nbytes, meta.parent))
             nbytes, blocks_in_group = group_totals.get(meta.group, (0, 0))
             group_totals[meta.group] = (nbytes + meta.nbytes, blocks_in_group + 1)
-            count += 1
         account = self.accounts[tier_id]
+        account.policy.load(loaded, now)
         for group, (nbytes, num_blocks) in group_totals.items():
             account.budget.add(nbytes)
             account.quotas.add(group, nbytes, num_blocks)
-        return count
+        return len(loaded)
 
     def discharge(self, tier_id: int, key: BlockKey) -> bool:
         """Records that the tier no longer holds ``key``; False if it did not."""

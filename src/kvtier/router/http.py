@@ -10,47 +10,42 @@
     GET    /healthz               liveness
     GET    /openapi.json          this API
 
-Errors answer ``{"error": "..."}`` with 400 (bad request), 404 (no such pod) or 409
-(the pod id is taken).
+Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (no or a wrong token),
+404 (no such pod) or 409 (the pod id is taken). With ``router.auth_token`` set, every
+path but /healthz and /openapi.json needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import time
-from collections.abc import Awaitable, Callable
-from importlib import resources
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
+from kvtier._http import Handler, bearer_auth, error, json_object, openapi_handler
 from kvtier.config import RouterPodConfig
 from kvtier.errors import ConfigError, RouteError, UnknownPodError
 from kvtier.router.ingest import Ingest
 from kvtier.router.metrics import RouterMetrics
 from kvtier.router.router import Pod, Router, RouteRequest, RouteResult
 
-__all__ = ["make_app", "openapi_document"]
+__all__ = ["make_app"]
 
 ROUTER = web.AppKey("router", Router)
 INGEST = web.AppKey("ingest", Ingest)
 METRICS = web.AppKey("metrics", RouterMetrics)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of this API (kept in the repo as openapi.json)."""
-    text = resources.files("kvtier.router").joinpath("openapi.json").read_text()
-    document: dict[str, Any] = json.loads(text)
-    return document
-
 
 def make_app(router: Router, ingest: Ingest) -> web.Application:
     """The aiohttp application serving ``router``; ``ingest`` follows added pods."""
-    app = web.Application(middlewares=[_errors], client_max_size=64 << 20)
+    auth = bearer_auth(
+        lambda request: request.app[ROUTER].config.auth_token,
+        frozenset({"/healthz", "/openapi.json"}),
+        "the router's token",
+    )
+    app = web.Application(middlewares=[_errors, auth], client_max_size=64 << 20)
     app[ROUTER], app[INGEST], app[METRICS] = router, ingest, RouterMetrics(router)
     app.router.add_post("/v1/route", _route)
     app.router.add_get("/v1/pods", _list_pods)
@@ -60,7 +55,7 @@ def make_app(router: Router, ingest: Ingest) -> web.Application:
     app.router.add_post("/v1/pods/{pod_id}/load", _set_load)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/openapi.json", _openapi)
+    app.router.add_get("/openapi.json", openapi_handler("kvtier.router"))
     return app
 
 
@@ -69,23 +64,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except (RouteError, ConfigError) as exc:
-        return _error(400, str(exc))
+        return error(400, str(exc))
     except UnknownPodError as exc:
-        return _error(404, str(exc))
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise RouteError(f"the body must be JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise RouteError("the body must be a JSON object")
-    return body
+        return error(404, str(exc))
 
 
 def _field(body: dict[str, Any], name: str, kind: type[Any], default: Any) -> Any:
@@ -99,7 +80,7 @@ def _field(body: dict[str, Any], name: str, kind: type[Any], default: Any) -> An
 
 async def _route(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    body = await _body(request)
+    body = await json_object(request, RouteError)
     pods = _field(body, "pods", list, None)
     top_k = _field(body, "top_k", int, None)
     result = await request.app[ROUTER].route(
@@ -178,11 +159,11 @@ async def _get_pod(request: web.Request) -> web.Response:
 
 
 async def _add_pod(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request, RouteError)
     pod_id = _field(body, "id", str, None) or _missing("id")
     router = request.app[ROUTER]
     if pod_id in router.pods:
-        return _error(409, f"pod {pod_id!r} is already followed")
+        return error(409, f"pod {pod_id!r} is already followed")
     config = RouterPodConfig(
         **{
             k: _field(body, k, str, "")
@@ -203,7 +184,7 @@ async def _remove_pod(request: web.Request) -> web.Response:
 
 
 async def _set_load(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await json_object(request, RouteError)
     load = body.get("load")
     if not isinstance(load, int | float) or isinstance(load, bool):
         raise RouteError(f"load must be a number, got {load!r:.80}")
@@ -228,10 +209,6 @@ async def _healthz(request: web.Request) -> web.Response:
             "live": sum(p.state == "live" for p in pods),
         }
     )
-
-
-async def _openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
 
 
 def _pod_json(router: Router, pod: Pod) -> dict[str, Any]:

@@ -21,14 +21,13 @@ requests get 400 with ``{"error": message}``.
 
 from __future__ import annotations
 
-import json
 import ssl
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvtier._http import error, json_object, openapi_handler
 from kvtier.core.keys import BlockKey
 from kvtier.results import jsonable
 from kvtier.server.tenants import OPERATOR, Caller, identify, scope_keys
@@ -59,7 +58,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_post("/v1/contains", _contains)
     app.router.add_get("/v1/keys", _keys)
     app.router.add_get("/v1/cluster", _cluster)
-    app.router.add_get("/openapi.json", _openapi)
+    app.router.add_get("/openapi.json", openapi_handler("kvtier.server"))
     return app
 
 
@@ -85,10 +84,10 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
         server = request.app[NODE_KEY].config.server
         found = identify(server, token if scheme == "Bearer" else "")
         if found is None:
-            return _error(401, "send Authorization: Bearer <the node's token>")
+            return error(401, "send Authorization: Bearer <the node's token>")
         caller = found
         if not caller.is_operator and request.path not in _TENANT_ROUTES:
-            return _error(403, f"{request.path} needs the operators' token")
+            return error(403, f"{request.path} needs the operators' token")
     request[CALLER] = caller
     response: web.StreamResponse = await handler(request)
     return response
@@ -100,11 +99,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         return response
     except _BadRequest as exc:
-        return _error(400, str(exc))
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+        return error(400, str(exc))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -126,7 +121,7 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _match(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_object(request, _BadRequest)
     keys = _hex_keys(request, body)
     window = body.get("window")
     if window is not None and (not isinstance(window, int) or window <= 0):
@@ -136,7 +131,7 @@ async def _match(request: web.Request) -> web.Response:
 
 
 async def _contains(request: web.Request) -> web.Response:
-    keys = _hex_keys(request, await _json_body(request))
+    keys = _hex_keys(request, await json_object(request, _BadRequest))
     return web.json_response({"present": request.app[NODE_KEY].store.contains(keys)})
 
 
@@ -150,23 +145,8 @@ async def _keys(request: web.Request) -> web.Response:
 async def _cluster(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     if node.cluster is None:
-        return _error(404, "this node is not in a cluster (server runs standalone)")
+        return error(404, "this node is not in a cluster (server runs standalone)")
     return web.json_response(node.cluster.view())
-
-
-async def _openapi(request: web.Request) -> web.Response:
-    text = resources.files("kvtier.server").joinpath("openapi.json").read_text()
-    return web.json_response(json.loads(text))
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _BadRequest(f"the body must be JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise _BadRequest("the body must be a JSON object")
-    return body
 
 
 def _hex_keys(request: web.Request, body: dict[str, Any]) -> list[BlockKey]:

@@ -14,10 +14,20 @@ one, is in :mod:`kvtier.core.policy.base`); each lives in a module of its own:
 * ``s3fifo`` (:class:`S3FIFOPolicy`, ``s3fifo.py``): S3-FIFO (Yang et al., SOSP'23): a
   small FIFO that filters one-hit wonders, a main FIFO with lazy reinsertion, a ghost
   FIFO of keys recently evicted from small. O(1) amortized.
+* ``arc`` (:class:`ARCPolicy`, ``arc.py``): ARC (Megiddo and Modha, FAST'03): recency
+  and frequency lists balanced by ghost hits. O(1) amortized.
+* ``lfu`` (:class:`LFUPolicy`, ``lfu.py``): least frequently used with dynamic aging
+  (LFU-DA). O(log n).
+* ``hit_density`` (:class:`HitDensityPolicy`, ``density.py``), the default: leaf-first,
+  classed by conversation turns, ranked by expected hits per second of residence as
+  learned online from reuse ages. O(log n).
 
 A new policy is a module beside these with a subclass of
-:class:`~kvtier.core.policy.base.TrackingPolicy`, a line in :data:`POLICIES` below (its
-``name`` is what config files say) and an item in the list above.
+:class:`~kvtier.core.policy.base.TrackingPolicy` (or of
+:class:`~kvtier.core.policy.base.LeafFirstPolicy`, which keeps the child counts of the
+leaf-first ones), a line in :data:`POLICIES` below (its ``name`` is what config files
+say) and an item in the list above. ``kvtier replay`` then measures it against the
+others and Belady's MIN (``docs/replay.md``).
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from kvtier.core.policy.arc import ARCPolicy
 from kvtier.core.policy.base import CanEvict, EvictionPolicy
+from kvtier.core.policy.density import HitDensityPolicy
 from kvtier.core.policy.leaf import LeafFirstLRUPolicy
+from kvtier.core.policy.lfu import LFUPolicy
 from kvtier.core.policy.lru import LRUPolicy
 from kvtier.core.policy.s3fifo import S3FIFOPolicy
 from kvtier.core.policy.weighted import WeightedLRUPolicy
@@ -34,8 +47,11 @@ from kvtier.errors import ConfigError
 
 __all__ = [
     "POLICIES",
+    "ARCPolicy",
     "CanEvict",
     "EvictionPolicy",
+    "HitDensityPolicy",
+    "LFUPolicy",
     "LRUPolicy",
     "LeafFirstLRUPolicy",
     "S3FIFOPolicy",
@@ -45,7 +61,15 @@ __all__ = [
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls
-    for cls in (LRUPolicy, WeightedLRUPolicy, LeafFirstLRUPolicy, S3FIFOPolicy)
+    for cls in (
+        LRUPolicy,
+        WeightedLRUPolicy,
+        LeafFirstLRUPolicy,
+        S3FIFOPolicy,
+        ARCPolicy,
+        LFUPolicy,
+        HitDensityPolicy,
+    )
 }
 """Policy name (as in config files) -> class."""
 

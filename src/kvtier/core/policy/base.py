@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import abc
 from collections import OrderedDict
-from collections.abc import Callable, Generator
-from typing import ClassVar, Generic, TypeVar
+from collections.abc import Callable, Generator, Iterable
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from kvtier.core.keys import BlockKey
 
 __all__ = [
     "CanEvict",
     "EvictionPolicy",
+    "LeafFirstPolicy",
     "TrackingPolicy",
     "Victims",
+    "add_child",
     "check_nbytes",
+    "drop_child",
     "put_back_at_head",
 ]
 
@@ -46,6 +49,14 @@ Victims = Generator[tuple[BlockKey, int], None, None]
 
 EntryT = TypeVar("EntryT")
 ValueT = TypeVar("ValueT")
+
+
+class _ChainEntry(Protocol):
+    nbytes: int
+    parent: BlockKey | None
+
+
+ChainEntryT = TypeVar("ChainEntryT", bound=_ChainEntry)
 
 
 class EvictionPolicy(abc.ABC):
@@ -71,6 +82,20 @@ class EvictionPolicy(abc.ABC):
         Raises:
             ValueError: ``nbytes`` is negative.
         """
+
+    def load(
+        self, blocks: Iterable[tuple[BlockKey, int, BlockKey | None]], now: float
+    ) -> None:
+        """Records blocks the tier already held when it opened, oldest first: the
+        same as inserting them in that order. Policies with a faster bulk path (one
+        heap build instead of a push per block) override it.
+
+        Args:
+            blocks: ``(key, nbytes, parent)`` per block.
+            now: The current time in seconds.
+        """
+        for key, nbytes, parent in blocks:
+            self.insert(key, nbytes, parent, now)
 
     @abc.abstractmethod
     def touch(self, key: BlockKey, now: float) -> None:
@@ -206,6 +231,61 @@ class TrackingPolicy(EvictionPolicy, Generic[EntryT]):
         return self._total_bytes
 
 
+class LeafFirstPolicy(TrackingPolicy[ChainEntryT]):
+    """A policy whose candidates are leaves: keys no tracked key names as parent.
+
+    Evicting a prefix block would strand its stored descendants (a prefix match stops
+    at the first missing block), so leaf-first policies only ever evict leaves. This
+    class keeps the child counts (for every parent key, tracked or not, so a parent
+    inserted after its children is a non-leaf at once) and forgets keys; a subclass
+    queues its leaves and is told through :meth:`_requeue` when a key becomes a leaf
+    again.
+    """
+
+    __slots__ = ("_num_children",)
+
+    def __init__(self, entries: dict[BlockKey, ChainEntryT]) -> None:
+        super().__init__(entries)
+        # parent key -> number of tracked keys naming it; absent means 0.
+        self._num_children: dict[BlockKey, int] = {}
+
+    def _link(self, key: BlockKey, entry: ChainEntryT, parent: BlockKey | None) -> None:
+        """Gives ``entry`` the ``parent`` its insert names, if it has none yet.
+
+        A key's parent is fixed by its first insert that names one: keys are chain
+        hashes, so the same key always has the same prefix. A key naming itself as its
+        parent is taken to have none. Cycles of two or more keys cannot come from real
+        key chains; their members are never leaves and so are never evicted.
+        """
+        if entry.parent is None and parent is not None and parent != key:
+            entry.parent = parent
+            add_child(self._num_children, parent)
+
+    def remove(self, key: BlockKey) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._forget(key, entry)  # its queue items, if any, turn stale
+            self._maybe_rebuild()
+
+    def _forget(self, key: BlockKey, entry: ChainEntryT) -> None:
+        del self._entries[key]
+        self._total_bytes -= entry.nbytes
+        parent = entry.parent
+        if parent is None or not drop_child(self._num_children, parent):
+            return
+        parent_entry = self._entries.get(parent)
+        if parent_entry is not None:  # a leaf again, at its own last access
+            self._requeue(parent, parent_entry)
+
+    @abc.abstractmethod
+    def _requeue(self, key: BlockKey, entry: ChainEntryT) -> None:
+        """Queues ``key``, which just lost its last tracked child."""
+
+    @abc.abstractmethod
+    def _maybe_rebuild(self) -> None:
+        """Compacts the leaf queues when stale items pile up (never during eviction)."""
+
+
 def check_nbytes(nbytes: int) -> None:
     """Raises ``ValueError`` unless ``nbytes`` is a valid block size (>= 0)."""
     if nbytes < 0:
@@ -224,3 +304,22 @@ def put_back_at_head(
     for key, value in reversed(skipped):
         queue[key] = value
         queue.move_to_end(key, last=False)
+
+
+def add_child(num_children: dict[BlockKey, int], parent: BlockKey) -> None:
+    """Counts one more tracked key naming ``parent`` (tracked or not) as its parent.
+
+    The leaf-first policies keep these counts for every parent key, so a parent
+    inserted after its children is known at once not to be a leaf.
+    """
+    num_children[parent] = num_children.get(parent, 0) + 1
+
+
+def drop_child(num_children: dict[BlockKey, int], parent: BlockKey) -> bool:
+    """Counts one child of ``parent`` less; True when it just lost its last one."""
+    num_left = num_children[parent] - 1
+    if num_left:
+        num_children[parent] = num_left
+        return False
+    del num_children[parent]
+    return True

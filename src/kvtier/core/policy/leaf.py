@@ -10,7 +10,12 @@ import heapq
 from typing import ClassVar
 
 from kvtier.core.keys import BlockKey
-from kvtier.core.policy.base import CanEvict, TrackingPolicy, Victims, check_nbytes
+from kvtier.core.policy.base import (
+    CanEvict,
+    LeafFirstPolicy,
+    Victims,
+    check_nbytes,
+)
 
 __all__ = ["LeafFirstLRUPolicy"]
 
@@ -25,7 +30,7 @@ class _LeafEntry:
         self.queued = False  # the heap holds (tick, key) for this tick
 
 
-class LeafFirstLRUPolicy(TrackingPolicy[_LeafEntry]):
+class LeafFirstLRUPolicy(LeafFirstPolicy[_LeafEntry]):
     """LRU among leaves: a block goes only after every tracked child of it has gone.
 
     A child is a key inserted with ``parent`` equal to the block's key. Evicting a
@@ -48,14 +53,12 @@ class LeafFirstLRUPolicy(TrackingPolicy[_LeafEntry]):
     their members are never leaves and so are never evicted.
     """
 
-    __slots__ = ("_heap", "_next_tick", "_num_children")
+    __slots__ = ("_heap", "_next_tick")
     name: ClassVar[str] = "leaf_lru"
     _HEAP_SLACK: ClassVar[int] = 64  # no rebuilds while the heap is tiny
 
     def __init__(self) -> None:
         super().__init__({})
-        # parent key -> number of tracked keys naming it; absent means 0.
-        self._num_children: dict[BlockKey, int] = {}
         self._heap: list[tuple[int, BlockKey]] = []
         self._next_tick = 0
 
@@ -63,8 +66,6 @@ class LeafFirstLRUPolicy(TrackingPolicy[_LeafEntry]):
         self, key: BlockKey, nbytes: int, parent: BlockKey | None, now: float
     ) -> None:
         check_nbytes(nbytes)
-        if parent == key:
-            parent = None
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _LeafEntry(nbytes, None, self._next_tick)
@@ -72,9 +73,7 @@ class LeafFirstLRUPolicy(TrackingPolicy[_LeafEntry]):
         else:
             self._total_bytes += nbytes - entry.nbytes
             entry.nbytes = nbytes
-        if entry.parent is None and parent is not None:
-            entry.parent = parent
-            self._num_children[parent] = self._num_children.get(parent, 0) + 1
+        self._link(key, entry, parent)
         self._access(key, entry)
 
     def touch(self, key: BlockKey, now: float) -> None:
@@ -94,27 +93,9 @@ class LeafFirstLRUPolicy(TrackingPolicy[_LeafEntry]):
         heapq.heappush(self._heap, (entry.tick, key))
         entry.queued = True
 
-    def remove(self, key: BlockKey) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._forget(key, entry)  # its heap entry, if any, turns stale
-            self._maybe_rebuild()
-
-    def _forget(self, key: BlockKey, entry: _LeafEntry) -> None:
-        del self._entries[key]
-        self._total_bytes -= entry.nbytes
-        parent = entry.parent
-        if parent is None:
-            return
-        num_left = self._num_children[parent] - 1
-        if num_left:
-            self._num_children[parent] = num_left
-            return
-        del self._num_children[parent]
-        # The parent just became a leaf; it queues at its own last access tick.
-        parent_entry = self._entries.get(parent)
-        if parent_entry is not None and not parent_entry.queued:
-            self._enqueue(parent, parent_entry)
+    def _requeue(self, key: BlockKey, entry: _LeafEntry) -> None:
+        if not entry.queued:  # it queues at its own last access tick
+            self._enqueue(key, entry)
 
     def _maybe_rebuild(self) -> None:
         # Only called outside eviction: a rebuild while _victims holds skipped keys

@@ -33,14 +33,33 @@ class LRUPolicy(TrackingPolicy[int]):
     def insert(
         self, key: BlockKey, nbytes: int, parent: BlockKey | None, now: float
     ) -> None:
-        check_nbytes(nbytes)
-        self._total_bytes += nbytes - self._entries.get(key, 0)
-        self._entries[key] = nbytes
-        self._entries.move_to_end(key)
+        if nbytes < 0:
+            check_nbytes(nbytes)
+        entries = self._entries
+        old_bytes = entries.get(key)
+        entries[key] = nbytes
+        if old_bytes is None:
+            self._total_bytes += nbytes  # a new key is appended: already the newest
+        else:
+            self._total_bytes += nbytes - old_bytes
+            entries.move_to_end(key)
 
     def touch(self, key: BlockKey, now: float) -> None:
-        if key in self._entries:
+        # try/except, not a membership test first or contextlib.suppress: on a hit
+        # (the common case) it is the cheapest; the replay loop runs it per block.
+        try:  # noqa: SIM105
             self._entries.move_to_end(key)
+        except KeyError:  # absent: a no-op
+            pass
+
+    def evict(self, now: float, can_evict: CanEvict | None = None) -> BlockKey | None:
+        if can_evict is not None or not self._entries:
+            return super().evict(now, can_evict)
+        # The common case, without a victims generator: the trace simulator replays
+        # millions of evictions through this method.
+        key, key_bytes = self._entries.popitem(last=False)
+        self._total_bytes -= key_bytes
+        return key
 
     def remove(self, key: BlockKey) -> None:
         self._total_bytes -= self._entries.pop(key, 0)
