@@ -62,6 +62,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ({"store.lease_seconds": "soon"}, "store.lease_seconds must be a number"),
         ({"policy": "lru"}, "must look like section.key"),
         ({"disk.compression": "gzip"}, r"disk.compression must be one of \['none'"),
+        ({"router.pods": {"p0": True}}, "router.pods.p0 must be a mapping, got True"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(

@@ -12,8 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "tests/server/test_fuzz_node.py",
+    "tests/server/test_protocol_faults.py",
     "tests/router/test_fuzz.py",
     "tests/test_config_fuzz.py",
+    "tests/sim/test_trace_fuzz.py",
 ]
 
 
@@ -23,7 +25,7 @@ def test_every_fuzz_target_with_twenty_times_the_inputs() -> None:
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TARGETS,
          "--hypothesis-show-statistics"],
         cwd=ROOT,
-        env={**os.environ, "KVTIER_FUZZ_SCALE": "20"},
+        env={**os.environ, "KVFUZZ_SCALE": "20"},
         capture_output=True,
         text=True,
         timeout=3600,

@@ -788,10 +788,12 @@ def _coerce_dict(value_type: Any, value: Any, key: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key} must be a mapping, got {value!r}")
     if isinstance(value_type, type) and dataclasses.is_dataclass(value_type):
-        return {
-            str(name): _build_dataclass(value_type, item or {}, f"{key}.{name}")
-            for name, item in value.items()
-        }
+        built = {}
+        for name, item in value.items():
+            if not isinstance(item or {}, Mapping):
+                raise ConfigError(f"{key}.{name} must be a mapping, got {item!r}")
+            built[str(name)] = _build_dataclass(value_type, item or {}, f"{key}.{name}")
+        return built
     return {str(k): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
 
 

@@ -1,5 +1,5 @@
 """Hypothesis settings of the fuzz tests: a few hundred inputs per target in the
-default suite; ``KVTIER_FUZZ_SCALE=20`` (what the slow suite's long run sets) makes
+default suite; ``KVFUZZ_SCALE=20`` (what the slow suite's long run sets) makes
 every target take twenty times as many."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-SCALE = max(1, int(os.environ.get("KVTIER_FUZZ_SCALE", "1")))
+SCALE = max(1, int(os.environ.get("KVFUZZ_SCALE", "1")))
 
 
 def fuzz(examples: int) -> settings:
