@@ -15,7 +15,13 @@ from kvtier.bench.soak import SoakConfig, run_soak
 
 def test_sixty_four_clients_for_a_while_without_error_or_leak(tmp_path: Path) -> None:
     # one minute: 5 s of warm-up, 55 s measured
-    cfg = SoakConfig(clients=64, seconds=55.0, warmup_s=5.0, directory=str(tmp_path))
+    cfg = SoakConfig(
+        clients=64,
+        seconds=55.0,
+        warmup_s=5.0,
+        max_warmup_s=5.0,
+        directory=str(tmp_path),
+    )
     results = run_soak(cfg)
     assert results["errors"] == 0 and results["wrong_bytes"] == 0
     assert results["requests_per_s"] > 0 and 0 < results["hit_ratio"] < 1

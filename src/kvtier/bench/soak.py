@@ -9,7 +9,9 @@ put, ``put`` the rest. Fresh prompts keep puts coming; the memory tier is smalle
 the hot prompts' blocks and the disk tier smaller than all that is put, so eviction,
 demotion and promotion run all along, on both tiers.
 
-Figures, after a warm-up that fills the arena (RSS counts the arena pages touched):
+Figures, after a warm-up that lasts until the node's RSS stops climbing (the arena, the
+disk and the policies' bounded bookkeeping are full; RSS counts the arena pages
+touched):
 
 * throughput (requests and payload bytes per second) and latency p50 / p99 / p999
   per operation;
@@ -60,7 +62,14 @@ class SoakConfig:
     Attributes:
         clients: Concurrent clients.
         seconds: Length of the measured run, after the warm-up.
-        warmup_s: Load before measuring (fills the arena).
+        warmup_s: Least load before measuring. The warm-up goes on until the
+            node's RSS grew less than ``settled_fraction`` over the last
+            ``settle_window_s`` (the arena, the disk tier and the eviction policies'
+            bounded bookkeeping, such as the default policy's ghost list of victims,
+            are full), or ``max_warmup_s`` has passed.
+        max_warmup_s: Most warm-up.
+        settle_window_s: Window of the settling test.
+        settled_fraction: RSS growth over that window that counts as settled.
         prompts: Distinct prompts the clients draw from.
         blocks_per_prompt: Blocks of each prompt.
         block_bytes: Bytes of each block.
@@ -75,6 +84,9 @@ class SoakConfig:
     clients: int = 64
     seconds: float = 600.0
     warmup_s: float = 60.0
+    max_warmup_s: float = 600.0
+    settle_window_s: float = 60.0
+    settled_fraction: float = 0.01
     prompts: int = 1500
     blocks_per_prompt: int = 8
     block_bytes: int = 32 * KiB
@@ -87,7 +99,7 @@ class SoakConfig:
 
     @classmethod
     def quick(cls, directory: str | None = None) -> SoakConfig:
-        return cls(seconds=20.0, warmup_s=5.0, directory=directory)
+        return cls(seconds=20.0, warmup_s=5.0, max_warmup_s=5.0, directory=directory)
 
 
 def register(bench_sub: Any) -> None:
@@ -335,8 +347,8 @@ async def _soak(
         )
         for i in range(cfg.clients)
     ]
-    progress(f"warm-up, {cfg.warmup_s:g} s")
-    await asyncio.sleep(cfg.warmup_s)
+    progress(f"warm-up, {cfg.warmup_s:g}-{cfg.max_warmup_s:g} s, until RSS settles")
+    warmed_s = await _warm_up(node.pid, cfg)
     sampler = asyncio.create_task(_sample(node.pid, samples, stop_sampling))
     tally.measuring = True
     started = time.perf_counter()
@@ -357,7 +369,27 @@ async def _soak(
         "leaked_sockets": max(0, sockets_after - sockets_before),
         "leaked_connections": status["connections"] - 1,  # the probe's
     }
-    return {**_figures(cfg, tally, samples, elapsed, len(crashed)), **leaks}
+    figures = _figures(cfg, tally, samples, elapsed, len(crashed))
+    return {"warmup_s": warmed_s, **figures, **leaks}
+
+
+async def _warm_up(pid: int, cfg: SoakConfig) -> float:
+    """Waits at least ``warmup_s``, then until the node's RSS has settled (see
+    :class:`SoakConfig`), at most ``max_warmup_s``; returns the seconds waited."""
+    started = time.perf_counter()
+    rss: list[int] = []
+    window = max(1, int(cfg.settle_window_s))
+    while True:
+        rss.append(_memory_of(pid)[0])
+        waited = time.perf_counter() - started
+        if waited >= cfg.max_warmup_s:
+            return waited
+        if waited >= cfg.warmup_s and len(rss) > window + 5:
+            before = statistics.median(rss[-window - 5 : -window + 5])
+            now = statistics.median(rss[-10:])
+            if now <= before * (1 + cfg.settled_fraction):
+                return waited
+        await asyncio.sleep(1.0)
 
 
 def _figures(
