@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -31,6 +31,7 @@ __all__ = [
     "DTypeName",
     "KVLayout",
     "as_block_array",
+    "block_arrays",
     "checksum",
     "copy_block",
     "codec_by_id",
@@ -165,6 +166,22 @@ class KVLayout:
                 f"buffer must hold {self.block_bytes} bytes, got {arr.nbytes}"
             )
         return arr.reshape(self.block_shape)
+
+
+def block_arrays(
+    keys: Sequence[Any], blocks: Sequence[Any], layout: KVLayout | None
+) -> list[np.ndarray[Any, Any]]:
+    """The blocks of a put as numpy arrays (checked against ``layout`` when given).
+
+    Raises:
+        LayoutError: Keys and blocks differ in number, or a block is not block-like
+            (or does not match ``layout``).
+    """
+    if len(keys) != len(blocks):
+        raise LayoutError(f"got {len(keys)} keys but {len(blocks)} blocks")
+    if layout is not None:
+        return [layout.block_array(b) for b in blocks]
+    return [as_block_array(b) for b in blocks]
 
 
 def as_block_array(block: Any, dtype_name: str | None = None) -> np.ndarray[Any, Any]:

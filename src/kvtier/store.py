@@ -37,7 +37,7 @@ from kvtier.core.index import BlockIndex, BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.core.ledger import Ledger
 from kvtier.errors import LayoutError, StorageError, StoreClosedError
-from kvtier.layout import KVLayout, as_block_array, copy_block, writable_bytes
+from kvtier.layout import KVLayout, block_arrays, copy_block, writable_bytes
 from kvtier.results import (
     BlockInfo,
     BlockLease,
@@ -168,12 +168,7 @@ class TieredStore:
             LayoutError: A block does not match ``layout`` (the message names what
                 was expected and what came), or keys and blocks differ in number.
         """
-        if len(keys) != len(blocks):
-            raise LayoutError(f"got {len(keys)} keys but {len(blocks)} blocks")
-        arrays = [
-            layout.block_array(b) if layout is not None else as_block_array(b)
-            for b in blocks
-        ]
+        arrays = block_arrays(keys, blocks, layout)
         metas = self._metas(keys, [arr.nbytes for arr in arrays], self._clock())
         return self._store(list(keys), arrays, metas, promote=False)
 

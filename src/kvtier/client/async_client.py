@@ -31,7 +31,7 @@ from kvtier._sockio import host_id
 from kvtier.client.connection import Connection
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.errors import ConnectionLostError, LayoutError, RequestTimeoutError
-from kvtier.layout import KVLayout, as_block_array, copy_block, writable_bytes
+from kvtier.layout import KVLayout, block_arrays, copy_block, writable_bytes
 from kvtier.protocol import Op
 from kvtier.results import BlockInfo, Match, PutResult
 
@@ -261,12 +261,7 @@ class AsyncClient:
         layout: KVLayout | None = None,
     ) -> PutResult:
         """Stores blocks (see ``TieredStore.put``)."""
-        if len(keys) != len(blocks):
-            raise LayoutError(f"got {len(keys)} keys but {len(blocks)} blocks")
-        arrays = [
-            layout.block_array(b) if layout is not None else as_block_array(b)
-            for b in blocks
-        ]
+        arrays = block_arrays(keys, blocks, layout)
         if self.shared_memory:
             return await self._put_local(keys, arrays)
         payload = [

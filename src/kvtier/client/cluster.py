@@ -34,7 +34,7 @@ from kvtier.cluster.membership import Membership
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.core.placement import Member, Placement
 from kvtier.errors import ClusterError, LayoutError, NodeError
-from kvtier.layout import KVLayout, as_block_array, writable_bytes
+from kvtier.layout import KVLayout, block_arrays, writable_bytes
 from kvtier.results import BlockInfo, Match, PutResult
 
 __all__ = ["AsyncClusterClient"]
@@ -164,12 +164,7 @@ class AsyncClusterClient:
         layout: KVLayout | None = None,
     ) -> PutResult:
         """Stores each block on its R replicas; stored once W of them have it."""
-        if len(keys) != len(blocks):
-            raise LayoutError(f"got {len(keys)} keys but {len(blocks)} blocks")
-        arrays = [
-            layout.block_array(b) if layout is not None else as_block_array(b)
-            for b in blocks
-        ]
+        arrays = block_arrays(keys, blocks, layout)
         replicas = self.membership.settings.replicas
         targets = self._placement.replicas(keys, replicas)
         counts = await self._scatter_put(keys, arrays, targets)
