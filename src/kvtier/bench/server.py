@@ -6,15 +6,15 @@ kvtier time for the same bytes in the same run (higher is better), each time the
 median of ``repeats`` alternating runs:
 
 * same-host put / get through shared memory vs ``numpy.copyto`` (2 MiB and 16 MiB);
-
-The node under test keeps blocks in memory only (``disk.enabled=false``): the figures
-are of the transfer paths, not of the disk tier (``kvtier bench store`` measures that),
-and a write-behind flush competing for the same two cores would blur them.
 * TCP put / get vs a raw socket ``sendall`` / ``recv_into`` to another process;
 * TCP put / get vs redis-py SET / GET (pipelined) against redis-server;
 * TCP put / get vs the node's own gRPC API carrying the same bytes;
 * match / contains latency p50 / p99 with 1, 16 and 64 concurrent clients;
 * start-up: a node with a 16 GiB memory tier, from exec to its first answer.
+
+The node under test keeps blocks in memory only (``disk.enabled=false``): the figures
+are of the transfer paths, not of the disk tier (``kvtier bench store`` measures that),
+and a write-behind flush competing for the same two cores would blur them.
 """
 
 from __future__ import annotations

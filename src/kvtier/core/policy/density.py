@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -22,6 +21,7 @@ from kvtier.core.policy.base import (
     Victims,
     check_nbytes,
 )
+from kvtier.core.policy.ghost import GhostList
 from kvtier.errors import ConfigError
 
 __all__ = ["HitDensityPolicy"]
@@ -169,7 +169,7 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
     )
     name: ClassVar[str] = "hit_density"
     # Victims remembered: 4 per tracked key, plus this many, so that even a small
-    # tier recognizes conversations that come back minutes later (~8 MB of entries).
+    # tier recognizes conversations that come back minutes later (~1.3 MB of them).
     GHOST_SLACK: ClassVar[int] = 32768
     _HEAP_SLACK: ClassVar[int] = 64
     _DEFAULT_HORIZON_S: ClassVar[float] = 60.0
@@ -193,7 +193,7 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
             ([], []) for _ in range(num_classes)
         ]
         # key -> (class, last access, accesses) of recent victims
-        self._ghost: OrderedDict[BlockKey, tuple[int, float, int]] = OrderedDict()
+        self._ghost = GhostList()
         self._stats = _ReuseStats(num_classes)
         self._tick = 0
         self._since_refresh = 0
@@ -218,7 +218,7 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
         if parent == key:
             parent = None
         num_accesses = self._inherited(parent)
-        remembered = self._ghost.pop(key, None)
+        remembered = self._ghost.pop(key)
         if remembered is not None:  # back after an eviction: a reuse, and its count
             cls, last_access, num_before = remembered
             self._stats.reuses[cls][age_bucket(now - last_access)] += 1
@@ -426,11 +426,8 @@ class HitDensityPolicy(LeafFirstPolicy[_Entry]):
         return None
 
     def _remember(self, key: BlockKey, entry: _Entry) -> None:
-        ghost = self._ghost
-        ghost[key] = (entry.cls, entry.last_access, entry.num_accesses)
-        limit = 4 * len(self._entries) + self.GHOST_SLACK
-        while len(ghost) > limit:
-            ghost.popitem(last=False)
+        self._ghost.add(key, entry.cls, entry.last_access, entry.num_accesses)
+        self._ghost.trim(4 * len(self._entries) + self.GHOST_SLACK)
 
 
 def _check_config(

@@ -18,6 +18,7 @@ from kvtier.core.policy.base import (
     check_nbytes,
     put_back_at_head,
 )
+from kvtier.core.policy.ghost import GhostList
 from kvtier.errors import ConfigError
 
 __all__ = ["S3FIFOPolicy"]
@@ -49,7 +50,7 @@ class S3FIFOPolicy(TrackingPolicy[_S3Entry]):
     ``promote_hits=1`` follows the paper: a key accessed at least once more after its
     insertion goes to main (libCacheSim's ``move-to-main-threshold=1``).
 
-    The ghost holds keys only, no bytes, oldest dropped first, at most
+    The ghost holds key fingerprints only, no bytes, oldest dropped first, at most
     ``max(len(main), ceil((1 - small_ratio) * tracked keys))``: the paper sizes it like
     main's capacity, and a policy does not know the tier's capacity, so the number of
     keys main holds at its target share stands in for it.
@@ -92,7 +93,7 @@ class S3FIFOPolicy(TrackingPolicy[_S3Entry]):
         self._promote_hits = promote_hits
         self._small: OrderedDict[BlockKey, None] = OrderedDict()
         self._main: OrderedDict[BlockKey, None] = OrderedDict()
-        self._ghost: OrderedDict[BlockKey, None] = OrderedDict()
+        self._ghost = GhostList()
         self._small_bytes = 0
 
     def insert(
@@ -110,9 +111,7 @@ class S3FIFOPolicy(TrackingPolicy[_S3Entry]):
         entry.freq = min(entry.freq + 1, self.MAX_FREQ)
 
     def _admit(self, key: BlockKey, nbytes: int) -> None:
-        in_ghost = key in self._ghost
-        if in_ghost:
-            del self._ghost[key]
+        in_ghost = self._ghost.pop(key) is not None
         self._entries[key] = _S3Entry(nbytes, in_small=not in_ghost)
         self._total_bytes += nbytes
         if in_ghost:
@@ -190,10 +189,9 @@ class S3FIFOPolicy(TrackingPolicy[_S3Entry]):
         self._main[key] = None
 
     def _remember(self, key: BlockKey) -> None:
-        ghost = self._ghost
-        ghost[key] = None
-        ghost_limit = max(
-            len(self._main), math.ceil((1 - self._small_ratio) * len(self._entries))
+        self._ghost.add(key, 0, 0.0, 0)
+        self._ghost.trim(
+            max(
+                len(self._main), math.ceil((1 - self._small_ratio) * len(self._entries))
+            )
         )
-        while len(ghost) > ghost_limit:
-            ghost.popitem(last=False)
