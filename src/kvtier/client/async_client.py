@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kvtier._pinning import pin_for_cuda, unpin
+from kvtier._pinning import advise_huge_pages, pin_for_cuda, unpin
 from kvtier._sockio import host_id
 from kvtier.client.connection import Connection
 from kvtier.core.keys import BlockKey, KeyChain
@@ -180,6 +180,7 @@ class AsyncClient:
         assert conn.arena_fd is not None
         size = int(conn.hello["arena_bytes"])
         self._arena_map = mmap.mmap(conn.arena_fd, size)
+        advise_huge_pages(self._arena_map)
         os.close(conn.arena_fd)  # the mapping keeps the memory
         self._arena = np.frombuffer(self._arena_map, dtype=np.uint8)
         self._target = unix_name

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier._pinning import advise_huge_pages
 from kvtier.core.alloc import SlabAllocator
 from kvtier.core.keys import BlockKey
 from kvtier.errors import StorageError, StoreClosedError
@@ -60,9 +61,8 @@ class MemoryTier:
         # Nothing touches the arena page by page here: mapping 16 GiB is instant and
         # pages are faulted in by the first writes into them.
         self._mmap = mmap.mmap(-1 if self.fd is None else self.fd, capacity_bytes)
-        if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-            with contextlib.suppress(OSError):  # THP off on this kernel: only slower
-                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+        if huge_pages:
+            advise_huge_pages(self._mmap)
         self.arena: np.ndarray[Any, np.dtype[np.uint8]] = np.frombuffer(
             self._mmap, dtype=np.uint8
         )
