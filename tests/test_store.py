@@ -434,3 +434,22 @@ def test_reservation_beyond_capacity_is_refused(tmp_path: Path) -> None:
         reservation = store.reserve([BlockKey(b"r" * 16)], [1 << 30])
         assert reservation.slots[0].status == "refused"
         assert not store.commit(reservation)
+
+
+@pytest.mark.parametrize("hint", [False, True])
+def test_finish_lets_a_finished_prompt_go_first(tmp_path: Path, hint: bool) -> None:
+    clock = FakeClock()
+    with make_store(tmp_path / str(hint), clock, disk__enabled=False) as store:
+        older, finished = prompt(4), prompt(4, start=10_000)
+        store.put(older, blocks_for(older), layout=LAYOUT)
+        clock.now += 1
+        store.put(finished, blocks_for(finished), layout=LAYOUT)
+        if hint:
+            store.finish(finished)  # that conversation is over
+        clock.now += 1
+        filler = prompt(10, start=20_000)  # 18 blocks of 16 KiB > 256 KiB: evicts
+        store.put(filler, blocks_for(filler), layout=LAYOUT)
+        kept = (store.match(older).num_blocks, store.match(finished).num_blocks)
+    # 6 victims: leaf-first and oldest first without the hint (all of the older
+    # prompt, then 2 of the other), the finished prompt first with it.
+    assert kept == ((2, 0) if hint else (0, 2)), kept

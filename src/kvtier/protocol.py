@@ -74,6 +74,7 @@ class Op(enum.IntEnum):
     LIST = 15
     PREFETCH = 16
     STATS = 17
+    FINISH = 18
     RESERVE = 20
     COMMIT = 21
     ABORT = 22

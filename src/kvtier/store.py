@@ -658,6 +658,20 @@ class TieredStore:
             removed = max(removed, remote.delete(keys))
         return removed
 
+    def finish(self, keys: Sequence[BlockKey]) -> None:
+        """Tells the eviction policies that the prompt ``keys`` is finished.
+
+        Call it when a conversation is over (its whole prompt), or with a prompt's
+        partial last block, which the next turn will not match as it is. The default
+        policy (``hit_density``) then lets the blocks no other prompt shares go first;
+        the rest ignore it. A hint only: nothing is removed, and a finished block
+        that is read again is treated as any other.
+        """
+        now = self._clock()
+        with self._lock:
+            self._check_open()
+            self._ledger.finish(keys, now)
+
     def list(
         self, group: str | None = None, limit: int | None = None
     ) -> list[BlockInfo]:

@@ -122,3 +122,72 @@ def test_many_touches_keep_the_heaps_bounded() -> None:
 def test_bad_options_are_named(option: str, value: float) -> None:
     with pytest.raises(ConfigError, match=option):
         make_policy("hit_density", **{option: value})
+
+
+# ------------------------------------------------------------------ finish hints
+
+
+def test_a_finished_conversation_goes_first_even_before_learning() -> None:
+    policy = HitDensityPolicy()
+    policy.insert(k("old"), 1, None, 0.0)  # oldest: leaf-first LRU's next victim
+    policy.insert(k("a"), 1, None, 1.0)
+    policy.insert(k("b"), 1, k("a"), 1.0)
+    policy.finish([k("a"), k("b")], 2.0)
+    assert drain(policy, 10.0) == ["b", "a", "old"]
+
+
+def test_finish_stops_at_a_prefix_other_prompts_go_on_from() -> None:
+    policy = HitDensityPolicy()
+    policy.insert(k("system"), 1, None, 0.0)
+    policy.insert(k("x"), 1, k("system"), 1.0)
+    policy.insert(k("x2"), 1, k("x"), 1.0)
+    policy.insert(k("y"), 1, k("system"), 2.0)
+    policy.finish([k("system"), k("x"), k("x2")], 3.0)
+    finished = [
+        name
+        for name in ("system", "x", "x2", "y")
+        if policy.density(k(name), 3.0) < -1e11
+    ]
+    assert finished == ["x", "x2"]  # system has two children: shared, kept out
+
+
+def test_a_finished_block_used_again_is_finished_no_more() -> None:
+    policy = HitDensityPolicy()
+    policy.insert(k("a"), 1, None, 0.0)
+    policy.insert(k("b"), 1, None, 1.0)
+    policy.finish([k("a")], 2.0)
+    assert policy.density(k("a"), 2.0) < -1e11
+    policy.touch(k("a"), 3.0)  # the conversation came back after all
+    assert policy.density(k("a"), 3.0) > -1e11
+    assert drain(policy, 10.0) == ["b", "a"]
+
+
+def test_finished_blocks_learn_their_own_density() -> None:
+    """Finished blocks that never come back learn a density of zero; a class that
+    does come back ranks above them once learned."""
+    policy = HitDensityPolicy(refresh_accesses=16, decay=1.0)
+    now = 0.0
+    for i in range(32):
+        policy.insert(k(f"done{i}"), 1, None, now)
+        policy.finish([k(f"done{i}")], now)
+        policy.insert(k(f"live{i}"), 1, None, now)
+        policy.touch(k(f"live{i}"), now + 5)
+        now += 10
+    policy.insert(k("d"), 1, None, now)
+    policy.finish([k("d")], now)
+    policy.insert(k("l"), 1, None, now)  # new blocks came back 5 s later
+    later = now + 3
+    assert -1e11 < policy.density(k("d"), later) < policy.density(k("l"), later)
+
+
+@pytest.mark.parametrize("name", ["lru", "leaf_lru", "lfu", "arc", "s3fifo"])
+def test_policies_without_hints_ignore_finish(name: str) -> None:
+    def victims(finish: bool) -> list[str]:
+        policy = make_policy(name)
+        for i, name_ in enumerate("abcd"):
+            policy.insert(k(name_), 1, None, float(i))
+        if finish:
+            policy.finish([k("c"), k("d")], 5.0)
+        return drain(policy, 10.0)
+
+    assert victims(True) == victims(False)

@@ -86,3 +86,23 @@ def test_a_match_loads_past_vllms_own_hit_and_keeps_the_last_token(
     whole = request("w", 64)
     store.put(engine_keys(sched.namespace, sched.block_hashes(whole)), [b"y" * 8] * 2)
     assert sched.num_new_matched_tokens(whole, 0) == (48, False)
+
+
+def test_a_conversations_last_turn_finishes_its_prompt(
+    store: TieredStore, monkeypatch: Any
+) -> None:
+    finished: list[list[bytes]] = []
+    real_finish = store.finish
+    monkeypatch.setattr(
+        store, "finish", lambda keys: (finished.append(list(keys)), real_finish(keys))
+    )
+    sched = side(store)
+    for req_id, over in (("goes-on", False), ("last-turn", True)):
+        req = request(req_id, 100, salt=len(req_id))
+        sched.num_new_matched_tokens(req, 0)
+        sched.after_alloc(req, 0)
+        sched.finished(req_id, conversation_over=over)
+    # Only the last turn's prompt, as the keys of its 3 whole kvtier blocks.
+    last = request("last-turn", 100, salt=len("last-turn"))
+    assert finished == [list(engine_keys(Namespace("m"), sched.block_hashes(last)))]
+    assert len(finished[0]) == 3

@@ -152,3 +152,19 @@ def test_the_mapped_arena_is_pinned_for_async_gpu_copies(node: NodeProcess) -> N
         torch.cuda.synchronize()
         assert torch.equal(gpu.cpu(), torch.from_numpy(lease.views[0]))
         client.release(lease)
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_finish_reaches_the_nodes_policy(node_factory: Any, shm: bool) -> None:
+    node = node_factory(
+        "memory.slab_bytes=64KiB", "disk.enabled=false", memory="256KiB"
+    )
+    with node.client(shared_memory=shm) as c:
+        older, finished, filler = fresh_keys(4), fresh_keys(4), fresh_keys(10)
+        assert c.put(older, blocks(4), layout=LAYOUT)
+        assert c.put(finished, blocks(4), layout=LAYOUT)
+        c.finish(finished)
+        c.put(filler, blocks(10), layout=LAYOUT)  # 18 blocks of 16 KiB: evicts
+        # Without the hint the older prompt would go first (see test_store.py).
+        assert c.match(finished).num_blocks == 0
+        assert c.match(older).num_blocks > 0

@@ -10,7 +10,13 @@ from simtraces import chained_traces, key, trace_of
 
 from kvtier.core.policy import POLICIES
 from kvtier.errors import ConfigError
-from kvtier.sim.replay import ReplayConfig, TwoTier, make_engine, replay
+from kvtier.sim.replay import (
+    ReplayConfig,
+    TwoTier,
+    finish_points,
+    make_engine,
+    replay,
+)
 from kvtier.sim.trace import Request, Trace
 
 
@@ -113,3 +119,33 @@ def test_bad_configs_are_named() -> None:
     with pytest.raises(ValueError, match="watermarks"):
         ReplayConfig(1, high_watermark=0.5, low_watermark=0.9)
     assert dataclasses.replace(ReplayConfig(1), low_watermark=0.5).tiered
+
+
+def test_finish_points_mark_ended_conversations_and_partial_tails() -> None:
+    a, b, c, x, y = (key(n) for n in "abcxy")
+    trace = Trace(
+        [
+            Request(0.0, (a, b), 8),  # "abc" continues it: nothing finished
+            Request(1.0, (a, b, c), 10),  # c partial, and nothing continues it: all
+            Request(2.0, (x,), 3),  # one partial block, never again: all
+            Request(3.0, (a, y), 6),  # y partial; a is not used later: all
+        ],
+        4,
+    )
+    assert finish_points(trace) == [2, 0, 0, 0]
+    trace.requests.append(Request(4.0, (a,), 4))  # now request 3 goes on: y alone
+    assert finish_points(trace) == [2, 0, 0, 1, 0]
+
+
+def test_hints_keep_the_conversation_that_goes_on() -> None:
+    # Room for 4: "cd" needs two victims. Without hints leaf-first LRU takes the
+    # oldest, "ab", which comes back; with them, "xy", whose conversation was over.
+    trace = trace_of("ab", "xy", "cd", "ab")
+    plain = replay(trace, ReplayConfig(4, "hit_density"))
+    hinted = replay(trace, ReplayConfig(4, "hit_density", hints=True))
+    assert plain.request_hits == [0, 0, 0, 0]
+    assert hinted.request_hits == [0, 0, 0, 2]
+    tiered = replay(
+        trace, ReplayConfig(4, "hit_density", hints=True, low_watermark=0.99)
+    )
+    assert tiered.request_hits == [0, 0, 0, 2]

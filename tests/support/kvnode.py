@@ -72,10 +72,11 @@ def start_node(
     token: str | None = None,
     env: dict[str, str] | None = None,
     tls_ca: Path | None = None,
+    memory: str = "256MiB",
 ) -> NodeProcess:
     spec = NodeSpec(
         data_dir,
-        memory="256MiB",
+        memory=memory,
         settings=("disk.capacity_bytes=1GiB", *settings),
         token=token,
         http=True,

@@ -373,6 +373,11 @@ class AsyncClient:
         reply = await self._retrying(lambda: self._call(Op.DELETE, body))
         return int(reply["removed"])
 
+    async def finish(self, keys: Sequence[BlockKey]) -> None:
+        """Hints that the prompt ``keys`` is finished (see ``TieredStore.finish``)."""
+        body = {"keys": [bytes(k) for k in keys]}
+        await self._retrying(lambda: self._call(Op.FINISH, body))
+
     async def list(
         self, group: str | None = None, limit: int | None = None
     ) -> list[BlockInfo]:

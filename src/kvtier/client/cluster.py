@@ -210,17 +210,26 @@ class AsyncClusterClient:
         """Deletes blocks from every node that may hold them; returns how many were
         stored somewhere."""
         stored = sum(await self.contains(keys))
+        await self._on_every_candidate("delete", keys)
+        return stored
+
+    async def finish(self, keys: Sequence[BlockKey]) -> None:
+        """Hints that the prompt ``keys`` is finished, to every node that may hold
+        its blocks (each hears its own blocks, in prompt order)."""
+        await self._on_every_candidate("finish", keys)
+
+    async def _on_every_candidate(self, method: str, keys: Sequence[BlockKey]) -> None:
+        """Calls ``method`` on every node that may hold some of ``keys``, with those."""
         per_node: dict[str, list[BlockKey]] = defaultdict(list)
         for key, nodes in zip(keys, self._candidates(keys), strict=True):
             for node_id in nodes:
                 per_node[node_id].append(key)
         await asyncio.gather(
             *(
-                self._on_node(node_id, "delete", subset)
+                self._on_node(node_id, method, subset)
                 for node_id, subset in per_node.items()
             )
         )
-        return stored
 
     # ------------------------------------------------------------- reads
 

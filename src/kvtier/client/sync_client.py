@@ -105,6 +105,9 @@ class _Facade:
     def prefetch(self, keys: Sequence[BlockKey]) -> int:
         return self._run(self.aio.prefetch(keys))
 
+    def finish(self, keys: Sequence[BlockKey]) -> None:
+        self._run(self.aio.finish(keys))
+
     def stats(self) -> dict[str, Any]:
         return self._run(self.aio.stats())
 

@@ -14,7 +14,7 @@ them, and become a charge or are released when the I/O ends.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvtier.core.capacity import Budget, QuotaTable
@@ -150,6 +150,12 @@ class Ledger:
             if entry.in_tier(tier_id):
                 account.policy.touch(key, now)
         return True
+
+    def finish(self, keys: Sequence[BlockKey], now: float) -> None:
+        """An engine's hint that a prompt is finished: every tier's policy hears it
+        (see :meth:`EvictionPolicy.finish`)."""
+        for account in self.accounts:
+            account.policy.finish(keys, now)
 
     def victims(
         self, tier_id: int, nbytes: int, now: float, group: str | None = None

@@ -223,10 +223,16 @@ class SchedulerSide:
             )
         )
 
-    def finished(self, req_id: str) -> None:
-        """Forgets a request (saves are synchronous: nothing to wait for)."""
-        self._requests.pop(req_id, None)
+    def finished(self, req_id: str, conversation_over: bool = False) -> None:
+        """Forgets a request (saves are synchronous: nothing to wait for). When its
+        conversation is over, tells the store its prompt is finished, so that the
+        blocks only it holds go first (``TieredStore.finish``)."""
+        tracked = self._requests.pop(req_id, None)
         self._matched.pop(req_id, None)
+        if conversation_over and tracked is not None:
+            hashes = self.block_hashes(tracked.request)
+            if hashes:
+                self.blocks.finish(engine_keys(self.namespace, hashes))
 
     def take_stored(self) -> list[StoredBlocks]:
         """Blocks saved since the last call (for KV events)."""

@@ -82,6 +82,8 @@ class KVBackend(Protocol):
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]: ...
 
+    def finish(self, keys: Sequence[BlockKey]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -180,7 +182,8 @@ class Blocks:
         if not isinstance(backend, KVBackend):
             raise ConfigError(
                 "backend must be a kvtier TieredStore or Client (or offer match, "
-                f"put, get_into, contains, close), got {type(backend).__name__}"
+                f"put, get_into, contains, finish, close), got "
+                f"{type(backend).__name__}"
             )
         self.backend = backend
         self._owned = owned
@@ -195,6 +198,13 @@ class Blocks:
         except KVTierError as exc:
             log.warning("kvtier match failed, computing instead: %s", exc)
             return 0
+
+    def finish(self, keys: Sequence[BlockKey]) -> None:
+        """Hints that the prompt ``keys`` is finished (a failure is only logged)."""
+        try:
+            self.backend.finish(keys)
+        except KVTierError as exc:
+            log.warning("kvtier finish hint failed: %s", exc)
 
     def put(
         self, keys: Sequence[BlockKey], blocks: Sequence[Any], layout: KVLayout

@@ -43,9 +43,13 @@ from kvtier.integrations.backend import Blocks, engine_config, open_backend
 from kvtier.integrations.paged import PagedFormat, PagedKV
 from kvtier.layout import KVLayout
 
-__all__ = ["KVTierConnector", "KVTierMetadata", "vllm_layout"]
+__all__ = ["FINISHED_PARAM", "KVTierConnector", "KVTierMetadata", "vllm_layout"]
 
 log = logging.getLogger(__name__)
+
+FINISHED_PARAM = "kvtier_finished"
+"""A request's ``kv_transfer_params`` key: true on a conversation's last turn, so the
+store lets the blocks only that conversation holds go first once the request ends."""
 
 
 def _vllm_base() -> Any:
@@ -234,7 +238,10 @@ class KVTierConnector(_ConnectorBase):  # type: ignore[misc]
     def request_finished(
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        self._sched().finished(request.request_id)
+        params = getattr(request, "kv_transfer_params", None) or {}
+        self._sched().finished(
+            request.request_id, conversation_over=bool(params.get(FINISHED_PARAM))
+        )
         return False, None  # saves are done by now: vLLM may free the blocks
 
     def take_events(self) -> Iterable[Any]:

@@ -78,6 +78,7 @@ class Session:
             Op.LIST: self._list,
             Op.PREFETCH: self._prefetch,
             Op.STATS: self._stats,
+            Op.FINISH: self._finish,
             Op.RESERVE: self._reserve,
             Op.COMMIT: self._commit,
             Op.ABORT: self._abort,
@@ -328,6 +329,13 @@ class Session:
         keys = self._keys(body)
         removed = await self._off_loop(True, self.store.delete, keys)
         await self._reply(header, {"removed": removed})
+
+    async def _finish(
+        self, header: FrameHeader, body: dict[str, Any], rest: list[int]
+    ) -> None:
+        self._no_payload(rest)
+        self.store.finish(self._keys(body))
+        await self._reply(header, {})
 
     async def _list(
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]

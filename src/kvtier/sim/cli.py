@@ -116,6 +116,12 @@ def register(
         type=float,
         help="recommend the smallest capacity that reaches it",
     )
+    parser.add_argument(
+        "--hints",
+        action="store_true",
+        help="replay as an engine passing finish hints would (conversations over, "
+        "partial last blocks), taken from the trace",
+    )
     parser.add_argument("--no-min", action="store_true", help="skip Belady's MIN")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     parser.add_argument(
@@ -178,6 +184,7 @@ def run_replay(args: argparse.Namespace) -> int:
         low_watermark=args.low_watermark,
         write_policy=args.write_policy,
         window_s=args.window,
+        hints=args.hints,
     )
     err = Console(stderr=True)
     err.print(_describe(trace), highlight=False, soft_wrap=True)
@@ -192,7 +199,7 @@ def run_replay(args: argparse.Namespace) -> int:
         for path in plot_sweep(swept, args.plot):
             err.print(f"wrote {path}", highlight=False)
     if args.json:
-        print(json.dumps(_summary(swept, recs, clusters, args.nodes)))
+        print(json.dumps(_summary(swept, recs, clusters, args.nodes, args.hints)))
     return 0
 
 
@@ -251,8 +258,10 @@ def _summary(
     recs: list[Any],
     clusters: dict[int, dict[str, ReplayResult]],
     num_nodes: int,
+    hints: bool,
 ) -> dict[str, Any]:
     summary = swept.as_json()
+    summary["hints"] = hints
     summary["recommendations"] = {
         rec.policy: {
             "target_hit_ratio": rec.target_hit_ratio,

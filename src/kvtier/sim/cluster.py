@@ -29,6 +29,7 @@ from kvtier.sim.replay import (
     ReplayConfig,
     ReplayResult,
     Tally,
+    finish_points,
     make_engine,
     new_result,
     replay,
@@ -75,10 +76,13 @@ def replay_cluster(
     engines = [make_engine(config) for _ in range(num_nodes)]
     start = trace.requests[0].timestamp_s if trace.requests else 0.0
     tally = Tally(new_result(trace, config, config.policy), start)
+    cuts = finish_points(trace) if config.hints else None
     for done, request in enumerate(trace.requests):
         node = router.pick([engine.match for engine in engines], request.keys)
         hits, memory_hits = engines[node].serve(request.keys, request.timestamp_s)
         tally.add(request, hits, memory_hits)
+        if cuts is not None and cuts[done] < len(request.keys):
+            engines[node].finish(request.keys[cuts[done] :], request.timestamp_s)
         if progress is not None and done % 1024 == 0:
             progress(done)
     result = tally.finish()

@@ -46,6 +46,7 @@ __all__ = [
     "OneTier",
     "TwoTier",
     "default_policy",
+    "finish_points",
     "make_engine",
     "new_result",
     "replay",
@@ -82,6 +83,11 @@ class ReplayConfig:
         write_policy: As ``store.write_policy``: ``write_back`` writes a block to
             disk only when memory evicts it; the others, as soon as it is put.
         window_s: Width of the windows of the hit-ratio-over-time series.
+        hints: Replay as an engine that passes finish hints would
+            (:meth:`kvtier.TieredStore.finish`): after each request, a prompt no
+            later request continues is finished whole (its conversation is over),
+            and otherwise its partial last block is. Taken from the trace, so it
+            models an application that knows when its conversations end.
     """
 
     capacity_blocks: int
@@ -93,6 +99,7 @@ class ReplayConfig:
     low_watermark: float = 1.0
     write_policy: WritePolicy = "write_behind"
     window_s: float = 60.0
+    hints: bool = False
 
     def __post_init__(self) -> None:
         for name in ("capacity_blocks", "disk_capacity_blocks"):
@@ -221,14 +228,37 @@ def replay(
     """
     engine = make_engine(config)
     tally = Tally(new_result(trace, config, config.policy), _start(trace))
+    cuts = finish_points(trace) if config.hints else None
     for done, request in enumerate(trace.requests):
         hits, memory_hits = engine.serve(request.keys, request.timestamp_s)
         tally.add(request, hits, memory_hits)
+        if cuts is not None and cuts[done] < len(request.keys):
+            engine.finish(request.keys[cuts[done] :], request.timestamp_s)
         if progress is not None and done % _PROGRESS_EVERY == 0:
             progress(done)
     result = tally.finish()
     result.blocks_written, result.evictions = engine.counts()
     return result
+
+
+def finish_points(trace: Trace) -> list[int]:
+    """Per request, where the keys an engine would finish after it start (its
+    ``len(keys)``: none): 0 when no later request holds its last full block (the
+    conversation is over; a later request holding it continues it), else the partial
+    last block's position when there is one."""
+    last_use: dict[BlockKey, int] = {}
+    for i, request in enumerate(trace.requests):
+        for key in request.keys:
+            last_use[key] = i
+    block_tokens = trace.block_tokens
+    cuts = []
+    for i, request in enumerate(trace.requests):
+        num_full = len(request.keys) - (request.num_tokens % block_tokens != 0)
+        if num_full == 0 or last_use[request.keys[num_full - 1]] == i:
+            cuts.append(0)
+        else:
+            cuts.append(num_full)
+    return cuts
 
 
 def make_engine(config: ReplayConfig) -> OneTier | TwoTier:
@@ -302,6 +332,10 @@ class OneTier:
         self.num_inserted += len(reserved)
         return hits, hits
 
+    def finish(self, keys: Sequence[BlockKey], now: float) -> None:
+        """An engine's finish hint (see :meth:`EvictionPolicy.finish`)."""
+        self.policy.finish(keys, now)
+
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         return {"memory": self.num_inserted}, {"memory": self.num_evicted}
 
@@ -362,6 +396,10 @@ class TwoTier:
             if self.has_disk and self.config.write_policy != "write_back":
                 self._store(DISK, key, meta, now)
         return hits, memory_hits
+
+    def finish(self, keys: Sequence[BlockKey], now: float) -> None:
+        """An engine's finish hint, to every tier's policy."""
+        self.ledger.finish(keys, now)
 
     def _meta(self, keys: Sequence[BlockKey], pos: int) -> BlockMeta:
         return BlockMeta(self.config.block_bytes, parent=keys[pos - 1] if pos else None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 from kvtier.core.keys import BlockKey
@@ -108,6 +108,24 @@ class EvictionPolicy(abc.ABC):
         No-op if absent. Not an eviction: no policy learns from it (S3-FIFO's ghost
         queue records evictions only).
         """
+
+    def finish(self, keys: Sequence[BlockKey], now: float) -> None:
+        """A hint from the engine: nothing will ask for the end of this prompt again.
+
+        ``keys`` are a prompt's keys in order. The engine (or the application behind
+        it) knows two such things that the cache cannot see: a conversation that is
+        over (a chat closed, an agent done), whose whole prompt is then finished; and
+        a partial last block, which no later prompt can match as it is (the next turn
+        extends it into a different block), then finished alone. Policies that use
+        hints let the finished blocks that no other prompt shares go first; the others
+        ignore them (this default does nothing). A finished block that is used again
+        after all stops being finished.
+
+        Args:
+            keys: The finished prompt's keys (or its last block's), in prompt order.
+            now: The current time in seconds.
+        """
+        return  # most policies take no hints
 
     @abc.abstractmethod
     def evict(self, now: float, can_evict: CanEvict | None = None) -> BlockKey | None:
