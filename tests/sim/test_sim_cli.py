@@ -119,3 +119,21 @@ def test_conversation_trace_fractions_of_min(
         for cell in summary["policies"]["hit_density"].values()
     ]
     assert ours == [0.38, 0.44, 0.59, 0.80, 0.97]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_TRACE.exists(), reason="needs ../shared/traces")
+def test_conversation_trace_goal_with_finish_hints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["replay", str(SHARED_TRACE), "--policy", "hit_density", "--hints", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["hints"] is True
+    cells = summary["policies"]["hit_density"]
+    fractions = [
+        cells[c]["min_ratio"] for c in ("1000", "5000", "10000", "20000", "50000")
+    ]
+    # The goal for the default policy, met with the engine's finish hints.
+    goal = [0.40, 0.55, 0.70, 0.90, 0.98]
+    assert all(f >= g for f, g in zip(fractions, goal, strict=True)), fractions
