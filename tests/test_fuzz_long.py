@@ -20,6 +20,7 @@ TARGETS = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3700)  # ~6 min here; the subprocess has its own 3600 s
 def test_every_fuzz_target_with_twenty_times_the_inputs() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TARGETS,

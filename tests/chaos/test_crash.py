@@ -61,6 +61,7 @@ def test_the_harness_notices_a_lost_block_and_a_resurrected_one(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~5 min here; the default 300 s would cut it
 def test_two_hundred_kill_cycles_lose_nothing(tmp_path: Path) -> None:
     report = run_crash(CrashConfig(cycles=200, seed=1, directory=str(tmp_path)))
     assert report.violations == []

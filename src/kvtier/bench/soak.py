@@ -361,6 +361,10 @@ async def _soak(
     stop.set()
     outcomes = await asyncio.gather(*clients, return_exceptions=True)
     crashed = [o for o in outcomes if isinstance(o, BaseException)]
+    for kind, count in sorted(tally.error_kinds.items()):
+        progress(f"{count} request(s) failed with {kind}")
+    for error in crashed:
+        progress(f"a client stopped on {type(error).__name__}: {error}")
     progress("waiting for the node to let go")
     status, sockets_after = await _node_idle(node, 30)
     leaks = {
