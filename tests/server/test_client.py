@@ -168,3 +168,19 @@ def test_finish_reaches_the_nodes_policy(node_factory: Any, shm: bool) -> None:
         # Without the hint the older prompt would go first (see test_store.py).
         assert c.match(finished).num_blocks == 0
         assert c.match(older).num_blocks > 0
+
+
+def test_calls_racing_to_connect_share_one_connection(node_factory: Any) -> None:
+    """Requests that all start before the client is connected open one connection
+    (each used to open its own, and all but the last leaked)."""
+    node = node_factory()
+
+    async def scenario() -> int:
+        client = AsyncClient(node.address, pool_size=1)
+        try:
+            await asyncio.gather(*(client.ping() for _ in range(5)))
+            return int((await client.stats())["connections"])
+        finally:
+            await client.close()
+
+    assert asyncio.run(scenario()) == 1

@@ -136,6 +136,7 @@ class AsyncClient:
         self._pinned_ptr: int | None = None
         self._pool: list[Connection | None] = []
         self._opening = asyncio.Lock()
+        self._connecting = asyncio.Lock()
         self._turn = itertools.count()
         self._target: str | tuple[str, int] = self._tcp
         self._arena: Array | None = None
@@ -145,7 +146,14 @@ class AsyncClient:
     # ------------------------------------------------------------- lifecycle
 
     async def connect(self) -> AsyncClient:
-        """Says HELLO and picks the path (shared memory or TCP)."""
+        """Says HELLO and picks the path (shared memory or TCP). Once: callers that
+        race to the first request share one connection, none is left unclosed."""
+        async with self._connecting:
+            if not self._pool:
+                await self._connect()
+        return self
+
+    async def _connect(self) -> None:
         first = await Connection.open(
             self._tcp, token=self._token, tls=self._tls, timeout=self._timeout
         )
@@ -159,7 +167,6 @@ class AsyncClient:
             await first.close()
             raise ConnectionLostError("the node's shared memory is not reachable")
         self._pool = [first] + [None] * (self._pool_size - 1)
-        return self
 
     @staticmethod
     def _is_local(hello: dict[str, Any]) -> bool:
