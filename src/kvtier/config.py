@@ -790,9 +790,10 @@ def _coerce_dict(value_type: Any, value: Any, key: str) -> dict[str, Any]:
     if isinstance(value_type, type) and dataclasses.is_dataclass(value_type):
         built = {}
         for name, item in value.items():
-            if not isinstance(item or {}, Mapping):
+            fields = item or {}
+            if not isinstance(fields, Mapping):
                 raise ConfigError(f"{key}.{name} must be a mapping, got {item!r}")
-            built[str(name)] = _build_dataclass(value_type, item or {}, f"{key}.{name}")
+            built[str(name)] = _build_dataclass(value_type, fields, f"{key}.{name}")
         return built
     return {str(k): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
 

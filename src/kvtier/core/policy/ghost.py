@@ -63,8 +63,9 @@ class GhostList:
     def add(self, key: Hashable, first: int, time: float, second: int) -> None:
         """Remembers ``key`` with its record, as the youngest (replacing an old one)."""
         fp = hash(key)
-        if self._find(fp)[1] >= 0:
-            self._discard(fp)
+        slot, pos = self._find(fp)
+        if pos >= 0:
+            self._remove(slot, pos)
         if self._span == len(self._fps):
             self._grow()
         pos = (self._head + self._span) % len(self._fps)
@@ -77,19 +78,17 @@ class GhostList:
 
     def pop(self, key: Hashable) -> tuple[int, float, int] | None:
         """Forgets ``key`` and returns its record, or ``None`` if not remembered."""
-        fp = hash(key)
-        pos = self._find(fp)[1]
+        slot, pos = self._find(hash(key))
         if pos < 0:
             return None
         record = (self._ints[pos], self._times[pos], self._count[pos])
-        self._discard(fp)
+        self._remove(slot, pos)
         return record
 
     def trim(self, limit: int) -> None:
         """Drops the oldest keys until at most ``limit`` are remembered."""
-        while self._live > limit:
-            self._discard(self._fps[self._head])
-        self._skip_holes()
+        while self._live > limit:  # the head is live: holes are skipped at once
+            self._remove(*self._find(self._fps[self._head]))
 
     def _find(self, fp: int) -> tuple[int, int]:
         """(``fp``'s index slot or the empty one where it would go, ring pos or -1)."""
@@ -104,8 +103,8 @@ class GhostList:
                 return slot, held - 1
             slot = (slot + 1) & mask
 
-    def _discard(self, fp: int) -> None:
-        slot, pos = self._find(fp)
+    def _remove(self, slot: int, pos: int) -> None:
+        """Forgets the key at ring ``pos``, indexed at ``slot``."""
         self._count[pos] = -1
         self._live -= 1
         self._unindex(slot)
