@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kvnode import wait_until
 
 import kvtier
 from kvtier import KVLayout, Namespace, TieredStore, block_keys
@@ -233,6 +234,35 @@ def test_quota_evicts_only_the_groups_own_blocks(tmp_path: Path) -> None:
         assert all(info.group == "acme" for info in store.list(group="acme"))
 
 
+def test_a_put_waits_for_the_writer_to_let_go_of_its_quota(tmp_path: Path) -> None:
+    """All of a small group's blocks can be on their way to disk at once (leased by
+    the writer, so not evictable): a put of that group waits for the writes instead
+    of being refused."""
+    from kvtier.chaos.faults import FaultPlan, faulty_tiers
+
+    config = Config().replace(
+        {
+            "store.data_dir": str(tmp_path / "data"),
+            "memory.capacity_bytes": 256 * KiB,
+            "memory.slab_bytes": 64 * KiB,
+            "store.quotas": {"g": {"memory_bytes": 32 * KiB}},
+        }
+    )
+    plan = FaultPlan()
+    tiers, _ = faulty_tiers(config, plan)
+    ns = Namespace("q", layout_id=LAYOUT.layout_id, block_tokens=16, tenant="g")
+    keys = block_keys(ns, list(range(16 * 3)))
+    with TieredStore(config, tiers=tiers) as store:
+        plan.latency_s = 1.0  # each write to disk takes a second
+        assert store.put(keys[:2], blocks_for(keys[:2]), layout=LAYOUT)
+        wait_until(
+            lambda: store._place.writes_in_flight == 2, 10, "the writer to take both"
+        )
+        assert store.put(keys[2:], blocks_for(keys[2:]), layout=LAYOUT)
+        assert store.stats().group_bytes["memory"]["g"] <= 32 * KiB
+        assert store.contains(list(keys)) == [True] * 3  # one went down to disk
+
+
 def fill_memory(store: TieredStore, count: int = 40) -> None:
     """Puts enough other blocks to evict everything unleased many times over."""
     for i in range(1, count):
@@ -427,6 +457,80 @@ def test_aborted_and_timed_out_reservations_give_their_slots_back(
         assert store._memory.used_bytes == 0
         assert store.commit(dead).num_stored == 0
         assert store.match(keys).num_blocks == 0
+
+
+def fill(store: TieredStore, slots: Any, blocks: list[Any]) -> None:
+    for slot, block in zip(slots, blocks, strict=False):
+        store.arena_view(slot.offset, slot.nbytes)[:] = block.reshape(-1).view(np.uint8)
+
+
+def test_a_reservation_made_ahead_is_named_at_commit(tmp_path: Path) -> None:
+    size = LAYOUT.block_bytes
+    with make_store(
+        tmp_path, disk__enabled=False, store__reserve_ahead_fraction=0.5
+    ) as store:
+        keys = prompt(4)
+        blocks = blocks_for(keys)
+        store.put(keys[1:2], blocks[1:2], layout=LAYOUT)  # stored already
+        ahead = store.reserve_ahead([size] * 5, keys.quota_group)
+        assert [s.key for s in ahead.slots] == [None] * 5
+        assert store._memory.used_bytes == 6 * size
+        assert store.match(keys).num_blocks == 0  # nothing named, nothing seen
+        fill(store, ahead.slots, blocks)
+        result = store.commit_as(ahead, keys, [size] * 4)
+        assert result.stored == (True, True, True, True)
+        # The duplicate's slot and the fifth (unused) one came back.
+        assert store._memory.used_bytes == 4 * size
+        got = store.get(keys, layout=LAYOUT)
+        assert all(np.array_equal(a, b) for a, b in zip(got, blocks, strict=True))
+        assert store.stats().open_reservations == 0
+
+
+def test_a_reservation_made_ahead_refuses_what_it_was_not_made_for(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    size = LAYOUT.block_bytes
+    with make_store(
+        tmp_path, clock, disk__enabled=False, store__reserve_ahead_fraction=0.5
+    ) as store:
+        keys = prompt(2)
+        ahead = store.reserve_ahead([size] * 2, "someone-else", timeout=10)
+        with pytest.raises(LayoutError, match="quota group"):
+            store.commit_as(ahead, keys, [size] * 2)
+        with pytest.raises(LayoutError, match="holds"):
+            store.commit_as(ahead, keys, [size, size // 2])
+        with pytest.raises(LayoutError, match="slots"):
+            store.commit_as(ahead, prompt(3), [size] * 3)
+        assert store._memory.used_bytes == 2 * size  # still open, untouched
+        mine = store.reserve_ahead([size], keys.quota_group, timeout=10)
+        store.commit(mine)  # committed without names: holds nothing
+        assert store._memory.used_bytes == 2 * size
+        clock.now += 10
+        store.expire()  # the writer died: its slots come back
+        assert store._memory.used_bytes == 0
+        assert store.commit_as(ahead, keys, [size] * 2).num_stored == 0
+        assert store.match(keys).num_blocks == 0
+        assert store.stats().open_reservations == 0
+        assert not store.reserve_ahead([1 << 30]).slots  # no room: nothing kept
+        assert store.stats().open_reservations == 0
+
+
+def test_reservations_made_ahead_stay_within_their_share(tmp_path: Path) -> None:
+    size = LAYOUT.block_bytes  # 16 KiB of a 256 KiB tier
+    with make_store(
+        tmp_path, disk__enabled=False, store__reserve_ahead_fraction=0.25
+    ) as store:
+        first = store.reserve_ahead([size] * 3)
+        second = store.reserve_ahead([size] * 3)
+        assert (len(first.slots), len(second.slots)) == (3, 1)  # 64 KiB in all
+        assert not store.reserve_ahead([size]).slots
+        store.commit_as(first, prompt(2), [size] * 2)  # the share frees as used
+        assert len(store.reserve_ahead([size] * 4).slots) == 3
+    with make_store(
+        tmp_path / "off", disk__enabled=False, store__reserve_ahead_fraction=0
+    ) as store:
+        assert not store.reserve_ahead([size]).slots
 
 
 def test_reservation_beyond_capacity_is_refused(tmp_path: Path) -> None:

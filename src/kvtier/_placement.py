@@ -17,7 +17,7 @@ and a detached slot whose holds have all run out is freed by
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +79,8 @@ class Lease:
 class Pending:
     """Slots a writer is filling, until commit, abort or the deadline."""
 
-    blocks: list[tuple[BlockKey, BlockMeta, int]]  # key, meta, arena offset
+    # key (None: reserved ahead, not named yet), meta, arena offset
+    blocks: list[tuple[BlockKey | None, BlockMeta, int]]
     deadline: float
 
 
@@ -116,13 +117,17 @@ class Placement:
         self.dirty_bytes = 0
         self.reserving: dict[BlockKey, int] = {}  # key -> reservation filling it
         self.pending: dict[int, Pending] = {}  # reservation id -> its slots
+        self.unnamed_bytes = 0  # slots reserved ahead of their keys
+        self.writes_in_flight = 0  # blocks the writer has leased to write below
         self._next_reservation = 1
         self._holds: dict[int, SlotHold] = {}  # memory offset -> its readers
 
     # ------------------------------------------------------------- memory slots
 
     def reserve_slot(self, meta: BlockMeta, now: float) -> int | None:
-        """A memory slot for a new block, evicting as needed; ``None`` if no room."""
+        """A memory slot for a new block, evicting as needed; ``None`` if no room
+        (which may change once :attr:`writes_in_flight` are done: their blocks are
+        leased until then)."""
         if not self.ledger.fits_ever(MEMORY, meta):
             return None
         self.make_room(MEMORY, meta, now)
@@ -148,19 +153,70 @@ class Placement:
         self.pending[reservation_id].blocks.append((key, meta, offset))
         self.reserving[key] = reservation_id
 
+    def add_unnamed(self, reservation_id: int, meta: BlockMeta, offset: int) -> None:
+        """A slot reserved ahead of a put whose keys are not known yet (see
+        :meth:`name`)."""
+        self.pending[reservation_id].blocks.append((None, meta, offset))
+        self.unnamed_bytes += meta.nbytes
+
+    def name(
+        self,
+        reservation_id: int,
+        keys: list[BlockKey],
+        metas: list[BlockMeta],
+        is_stored: Callable[[BlockKey], bool],
+    ) -> list[bool] | None:
+        """Names the first slots of a reservation made ahead: block ``i`` of ``keys``
+        is in slot ``i``. A key stored already (or being written) gives its slot
+        back, as do the slots left over. Returns, per key, whether its slot is now
+        the key's to commit; ``None`` if the reservation is gone.
+
+        The caller has checked that each meta's size and quota group are its slot's
+        (the slot's bytes are held against that group).
+        """
+        pending = self.pending.get(reservation_id)
+        if pending is None:
+            return None
+        named: list[tuple[BlockKey | None, BlockMeta, int]] = []
+        mine: list[bool] = []
+        for i, (unnamed, held, offset) in enumerate(pending.blocks):
+            if unnamed is None:
+                self.unnamed_bytes -= held.nbytes
+            key = keys[i] if i < len(keys) else None
+            ok = key is not None and key not in self.reserving and not is_stored(key)
+            if ok:
+                assert key is not None
+                self.reserving[key] = reservation_id
+                named.append((key, metas[i], offset))
+            else:
+                self.memory.abort(offset)
+                self.ledger.unhold(MEMORY, held)
+            if key is not None:
+                mine.append(ok)
+        pending.blocks = named
+        return mine
+
     def commit(self, reservation_id: int, now: float) -> list[BlockKey]:
-        """Publishes a reservation's filled slots; returns their keys (none if gone)."""
+        """Publishes a reservation's filled slots; returns their keys (none if gone).
+        Slots reserved ahead and never named are given back."""
         pending = self.pending.pop(reservation_id, None)
         if pending is None:
             return []  # aborted, or its deadline passed and the sweep took it
+        committed = []
         for key, meta, offset in pending.blocks:
+            if key is None:
+                self.unnamed_bytes -= meta.nbytes
+                self.memory.abort(offset)
+                self.ledger.unhold(MEMORY, meta)
+                continue
             del self.reserving[key]
             self.memory.commit(key, offset, meta.nbytes)
             entry = self.ledger.charge(MEMORY, key, meta, now, held=True)
             if self.has_lower and not entry.in_tier(DISK):
                 self.dirty[key] = None
                 self.dirty_bytes += meta.nbytes
-        return [key for key, _, _ in pending.blocks]
+            committed.append(key)
+        return committed
 
     def abort(self, reservation_id: int) -> int:
         """Gives a reservation's slots back; returns how many."""
@@ -168,7 +224,10 @@ class Placement:
         if pending is None:
             return 0
         for key, meta, offset in pending.blocks:
-            del self.reserving[key]
+            if key is None:
+                self.unnamed_bytes -= meta.nbytes
+            else:
+                del self.reserving[key]
             self.memory.abort(offset)
             self.ledger.unhold(MEMORY, meta)
         return len(pending.blocks)
@@ -321,6 +380,7 @@ class Placement:
                 batch_bytes += writes[-1].meta.nbytes
                 if keys is None and batch_bytes >= max_bytes:
                     break
+        self.writes_in_flight += len(writes)
         return writes
 
     def plan_write(self, key: BlockKey, now: float) -> Write:
@@ -378,6 +438,7 @@ class Placement:
         """
         for name, failures in remote_failures.items():
             self.stats.tiers[name].write_failures += failures
+        self.writes_in_flight -= len(writes)
         oks = oks or [False] * len(writes)
         for write, ok in zip(writes, oks, strict=True):
             self.release(write.lease)

@@ -47,7 +47,7 @@ class Slot:
     """One block of a two-phase write.
 
     Attributes:
-        key: The block.
+        key: The block (``None`` in a reservation made ahead of its keys).
         status: ``reserved`` (write ``nbytes`` at ``offset`` of the memory arena, then
             commit), ``stored`` (already stored or being written by another writer:
             nothing to do) or ``refused`` (no room).
@@ -55,7 +55,7 @@ class Slot:
         nbytes: Size of the block.
     """
 
-    key: BlockKey
+    key: BlockKey | None
     status: SlotStatus
     offset: int
     nbytes: int

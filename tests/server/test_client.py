@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 from typing import Any
 
@@ -14,6 +15,7 @@ from kvtier import KVLayout, Namespace, block_keys
 from kvtier.client import AsyncClient, Client
 from kvtier.core.keys import KeyChain
 from kvtier.errors import LayoutError, RemoteError
+from kvtier.protocol import Op
 
 LAYOUT = KVLayout(
     num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=16
@@ -184,3 +186,119 @@ def test_calls_racing_to_connect_share_one_connection(node_factory: Any) -> None
             await client.close()
 
     assert asyncio.run(scenario()) == 1
+
+
+@pytest.mark.parametrize("shm", [False, True])
+def test_the_blocking_client_waits_on_its_own_thread_in_order(
+    node_factory: Any, shm: bool
+) -> None:
+    """The sync client reads its replies on the calling thread; replies to requests
+    nobody waits for (a get's release) are read in order on the way, and an error
+    reply leaves the connection usable."""
+    node = node_factory()
+    keys, data = fresh_keys(6), blocks(6)
+    with node.client(shared_memory=shm, pool_size=1) as c:
+        assert c.put(keys, data, layout=LAYOUT)
+        for _ in range(20):  # over shared memory, each get posts a release
+            got = c.get(keys, layout=LAYOUT)
+            assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))
+        with pytest.raises(RemoteError):
+            c.get_blocks([b"short"])  # type: ignore[list-item]
+        status = c.stats()
+        (conn,) = c.aio._pool
+        assert conn is not None and conn.blocking
+        assert status["stats"]["held_slots"] == 0
+        assert status["connections"] == 1
+        assert c.match(keys).num_blocks == 6
+
+    async def async_side() -> bool:
+        async with AsyncClient(node.address, shared_memory=shm, pool_size=1) as a:
+            await a.ping()
+            (conn,) = a._pool
+            return conn is not None and conn.blocking
+
+    assert asyncio.run(async_side()) is False
+
+
+def reserve_requests(node: NodeProcess) -> float:
+    with urllib.request.urlopen(node.http + "/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for line in text.splitlines():
+        if line.startswith('kvtier_requests_total{op="reserve"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def round_trips(c: Client, node: NodeProcess, keys: KeyChain, data: list[Any]) -> int:
+    """Reserve requests a put made (0: it used the slots the last put reserved)."""
+    before = reserve_requests(node)
+    assert c.put(keys, data, layout=LAYOUT)
+    got = c.get(keys, layout=LAYOUT)
+    assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))
+    return int(reserve_requests(node) - before)
+
+
+def test_a_same_host_put_reserves_the_next_ones_slots(node_factory: Any) -> None:
+    node = node_factory()
+    with node.client(shared_memory=True, pool_size=1) as c:
+        first = fresh_keys(4)
+        assert round_trips(c, node, first, blocks(4)) == 1
+        assert c.stats()["stats"]["open_reservations"] == 1  # the next put's slots
+        assert round_trips(c, node, fresh_keys(4), blocks(4, 1)) == 0
+        assert round_trips(c, node, first, blocks(4)) == 0  # stored: nothing changes
+        assert round_trips(c, node, fresh_keys(2), blocks(2, 2)) == 0  # fewer fit
+        # The next slots are the last put's size: a longer put reserves its own.
+        assert round_trips(c, node, fresh_keys(4), blocks(4, 3)) == 1
+        other = KVLayout(
+            num_layers=1, num_kv_heads=2, head_dim=64, dtype="float16", block_tokens=16
+        )
+        odd = [np.ones(other.block_shape, np.float16)] * 2
+        assert c.put(fresh_keys(2), odd, layout=other)  # other sizes: reserves anew
+        assert c.stats()["stats"]["open_reservations"] == 1  # the unused one went
+    with node.client(shared_memory=False) as ops:
+        assert ops.stats()["stats"]["open_reservations"] == 0  # gone with the client
+
+
+@pytest.mark.parametrize("setting", ["reserve_ahead=False", "timeout"])
+def test_a_put_without_usable_slots_ahead_reserves_its_own(
+    node_factory: Any, setting: str
+) -> None:
+    """Slots ahead are off, or would run out too soon to use (the node takes them
+    back after store.reservation_timeout, here the client's safety margin)."""
+    if setting == "timeout":
+        node = node_factory("store.reservation_timeout=5")
+        options: dict[str, Any] = {}
+    else:
+        node = node_factory()
+        options = {"reserve_ahead": False}
+    with node.client(shared_memory=True, pool_size=1, **options) as c:
+        for seed in range(3):
+            assert round_trips(c, node, fresh_keys(3), blocks(3, seed)) == 1
+        assert c.stats()["stats"]["open_reservations"] <= 1
+
+
+def test_bad_commits_of_slots_ahead_are_refused_and_change_nothing(
+    node_factory: Any,
+) -> None:
+    node = node_factory()
+    with node.client(shared_memory=True, pool_size=1) as c:
+        assert c.put(fresh_keys(2), blocks(2))
+        ahead = c.aio._ahead
+        assert ahead is not None
+        conn, rid = ahead.conn, ahead.reservation_id
+
+        def commit(body: dict[str, Any]) -> Any:
+            return c._run(conn.call(Op.COMMIT, {"id": rid, **body}, timeout=10))
+
+        keys = fresh_keys(2)
+        raw = [bytes(k) for k in keys]
+        with pytest.raises(RemoteError, match="ahead must be a map"):
+            commit({"keys": raw, "sizes": ahead.sizes, "ahead": "all of it"})
+        with pytest.raises(RemoteError, match="holds"):
+            commit({"keys": raw, "sizes": [ahead.sizes[0], 16], "chained": False})
+        with pytest.raises(RemoteError, match="sizes"):
+            commit({"keys": raw, "sizes": [1]})
+        assert c.stats()["stats"]["open_reservations"] == 1  # still there, unchanged
+        assert c.match(keys).num_blocks == 0
+        c._run(conn.call(Op.ABORT, {"id": rid}, timeout=10))
+        assert c.stats()["stats"]["open_reservations"] == 0

@@ -85,9 +85,8 @@ class ChaosProxy:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.close()
-            self.cut()
-            self._server = None
+            server, self._server = self._server, None
+            self._run(self._shut(server))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -124,6 +123,13 @@ class ChaosProxy:
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _shut(self, server: asyncio.Server) -> None:
+        """Stops listening and resets every link, on the proxy's loop: a Server is
+        not thread-safe (closed from another thread while its last link ended, it
+        woke its waiters twice and raised)."""
+        server.close()
+        await self._cut_all()
 
     async def _cut_all(self) -> int:
         links = list(self._links)

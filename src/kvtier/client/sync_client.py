@@ -3,9 +3,12 @@
 The facade drives an :class:`~kvtier.client.AsyncClient` on a private event loop, run
 in the calling thread for the length of each call: there is one implementation of the
 protocol, not a blocking twin, and no hand-off to another thread (two wake-ups per call,
-which cost more than a whole request on a busy host). Calls from several threads are
-serialized by a lock; inside ``async`` code use ``AsyncClient`` instead. Every method of
-``AsyncClient`` exists here with the same arguments, returning instead of awaiting.
+which cost more than a whole request on a busy host). As nothing else runs on that
+loop, :class:`Client` lets its requests wait for the socket on the calling thread
+(``AsyncClient.wait_on_calling_thread``) instead of through the loop's selector.
+Calls from several threads are serialized by a lock; inside ``async`` code use
+``AsyncClient`` instead. Every method of ``AsyncClient`` exists here with the same
+arguments, returning instead of awaiting.
 """
 
 from __future__ import annotations
@@ -151,7 +154,12 @@ class Client(_Facade):
     aio: AsyncClient
 
     def __init__(self, address: str = "127.0.0.1:7480", **options: Any) -> None:
-        super().__init__(lambda: AsyncClient(address, **options))
+        def make() -> AsyncClient:
+            client = AsyncClient(address, **options)
+            client.wait_on_calling_thread()  # its loop runs only inside our calls
+            return client
+
+        super().__init__(make)
 
     @property
     def shared_memory(self) -> bool:

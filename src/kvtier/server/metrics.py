@@ -96,16 +96,31 @@ class NodeMetrics:
         )
         self._cache = _CacheCollector(store, cluster_size)
         self.registry.register(self._cache)
+        # An operation's labelled series, looked up once: a request is a few tens of
+        # microseconds, and every labels() call takes a lock and builds a tuple.
+        self._series: dict[int, tuple[Counter, Histogram | None]] = {}
+        self._received = self.transfer.labels("in")
 
     def observe_op(self, op: int, seconds: float, payload_bytes: int) -> None:
-        name = _op_name(op)
-        self.requests.labels(name).inc()
-        if op in _LOOKUPS:
-            self.lookup_latency.labels(name).observe(seconds)
-        elif op in _STORES:
-            self.storage_latency.labels(name).observe(seconds)
+        series = self._series.get(op)
+        if series is None:
+            series = self._series[op] = self._op_series(op)
+        requests, latency = series
+        requests.inc()
+        if latency is not None:
+            latency.observe(seconds)
         if payload_bytes:
-            self.transfer.labels("in").inc(payload_bytes)
+            self._received.inc(payload_bytes)
+
+    def _op_series(self, op: int) -> tuple[Counter, Histogram | None]:
+        name = _op_name(op)
+        if op in _LOOKUPS:
+            latency = self.lookup_latency.labels(name)
+        elif op in _STORES:
+            latency = self.storage_latency.labels(name)
+        else:
+            latency = None
+        return self.requests.labels(name), latency
 
     def observe_sent(self, payload_bytes: int) -> None:
         if payload_bytes:

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _STATUS_CODES = {"reserved": 0, "stored": 1, "refused": 2}
+_MAX_AHEAD = 2  # reservations made ahead one connection may hold unused
 
 
 class Session:
@@ -64,6 +65,9 @@ class Session:
         self.caller: Caller | None = None if self.limits.auth_token else OPERATOR
         self.greeted = False  # HELLO went through
         self.reservations: dict[int, Reservation] = {}
+        # Reservations made ahead for the client's next puts (see _reserve_ahead):
+        # not counted against max_open_per_connection, and at most _MAX_AHEAD.
+        self.ahead_ids: set[int] = set()
         self.leases: dict[int, BlockLease] = {}
         self._lease_ids = itertools.count(1)
         self._handlers: dict[int, Callable[..., Any]] = {
@@ -91,20 +95,16 @@ class Session:
         limit = self.limits.max_payload_bytes
         try:
             while True:
-                # A stranger gets hello_timeout to authenticate: idle connections
-                # that never say HELLO must not hold every slot of max_connections.
-                async with asyncio.timeout(
-                    None if self.greeted else self.limits.hello_timeout
-                ):
-                    await self.channel.recv_into(header_buf)
-                    try:
-                        header = FrameHeader.unpack(header_buf, limit)
-                    except ProtocolError as exc:
-                        await self._send_error(0, 0, "bad_frame", str(exc))
-                        return  # the stream is out of step: hang up
-                    body = bytearray(header.body_bytes)
-                    await self.channel.recv_into(body)
-                await self._run(header, body)
+                if self.greeted:
+                    frame = await self._read_frame(header_buf, limit)
+                else:
+                    # A stranger gets hello_timeout to authenticate: idle connections
+                    # that never say HELLO must not hold every max_connections slot.
+                    async with asyncio.timeout(self.limits.hello_timeout):
+                        frame = await self._read_frame(header_buf, limit)
+                if frame is None:
+                    return  # the stream is out of step: hang up
+                await self._run(*frame)
         except ConnectionLostError:
             pass
         except TimeoutError:
@@ -114,6 +114,21 @@ class Session:
         finally:
             self._cleanup()
             self.channel.close()
+
+    async def _read_frame(
+        self, header_buf: bytearray, limit: int
+    ) -> tuple[FrameHeader, bytearray] | None:
+        """The next request's header and body (its payload stays in the stream for
+        the handler); ``None`` after answering a header that cannot be parsed."""
+        await self.channel.recv_into(header_buf)
+        try:
+            header = FrameHeader.unpack(header_buf, limit)
+        except ProtocolError as exc:
+            await self._send_error(0, 0, "bad_frame", str(exc))
+            return None
+        body = bytearray(header.body_bytes)
+        await self.channel.recv_into(body)
+        return header, body
 
     async def _run(self, header: FrameHeader, raw_body: bytearray) -> None:
         started = time.perf_counter()
@@ -257,7 +272,10 @@ class Session:
                 f"sizes add up to {sum(sizes)} bytes, the payload has {rest[0]}",
             )
         reservation = await self._off_loop(
-            self.store.reserve_needs_io(sum(sizes)), self.store.reserve, chain, sizes
+            self.store.reserve_needs_io(sum(sizes), chain.quota_group),
+            self.store.reserve,
+            chain,
+            sizes,
         )
         try:
             for slot in reservation.slots:
@@ -381,7 +399,7 @@ class Session:
         sizes = proto.field_sizes(body, len(chain))
         timeout = proto.field_optional(body, "timeout", (int, float))
         reservation = await self._off_loop(
-            self.store.reserve_needs_io(sum(sizes)),
+            self.store.reserve_needs_io(sum(sizes), chain.quota_group),
             self.store.reserve,
             chain,
             sizes,
@@ -402,17 +420,90 @@ class Session:
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
-        reservation = self._take(self.reservations, proto.field_int(body, "id"))
-        result = await self._off_loop(
-            self.store.commit_needs_io(), self.store.commit, reservation
+        reservation_id = proto.field_int(body, "id")
+        ahead = self._ahead(body)  # checked before anything is committed
+        if "keys" in body:  # a reservation made ahead, named now
+            chain = self._chain(body)
+            sizes = proto.field_sizes(body, len(chain))
+            reservation = self.reservations.get(reservation_id)
+            if reservation is None:
+                raise RemoteError(
+                    "bad_request", f"no open reservation {reservation_id}"
+                )
+            result = await self._off_loop(
+                self.store.commit_needs_io(),
+                self.store.commit_as,
+                reservation,
+                chain,
+                sizes,
+            )
+            self._take_reservation(reservation_id)
+        else:
+            reservation = self._take_reservation(reservation_id)
+            result = await self._off_loop(
+                self.store.commit_needs_io(), self.store.commit, reservation
+            )
+        reply: dict[str, Any] = {"stored": list(result.stored)}
+        if ahead is not None:
+            reserved = await self._reserve_ahead(*ahead)
+            if reserved is not None:
+                reply["ahead"] = reserved
+        await self._reply(header, reply)
+
+    def _ahead(self, body: dict[str, Any]) -> tuple[list[int], str] | None:
+        """A commit's ``ahead``: the sizes and quota group of the client's next put,
+        to reserve slots for now (a tenant's group is its own)."""
+        ahead = body.get("ahead")
+        if ahead is None:
+            return None
+        self._need_local()
+        sizes = ahead.get("sizes") if isinstance(ahead, dict) else None
+        if not isinstance(sizes, list) or not sizes:
+            raise RemoteError(
+                "bad_request", "ahead must be a map with a list of sizes and a group"
+            )
+        sizes = proto.field_sizes(ahead, len(sizes))
+        if len(sizes) > self.limits.max_keys_per_request:
+            raise RemoteError(
+                "bad_request",
+                f"{len(sizes)} sizes is over server.max_keys_per_request="
+                f"{self.limits.max_keys_per_request}",
+            )
+        group = proto.field_optional(ahead, "group", str) or "default"
+        assert self.caller is not None, "authenticated before any keyed request"
+        return sizes, self.caller.tenant or group
+
+    async def _reserve_ahead(
+        self, sizes: list[int], group: str
+    ) -> dict[str, Any] | None:
+        """Slots for the client's next put, reserved now so that put makes one round
+        trip instead of two; ``None`` when there is no room, or the connection holds
+        ``_MAX_AHEAD`` such reservations unused (the next put then reserves as
+        usual). Only the client knows whether it is copying into one already, so
+        only the client gives back the ones it will not use."""
+        if len(self.ahead_ids) >= _MAX_AHEAD:
+            return None  # the client has not used (or given back) the last ones
+        reservation = await self._off_loop(
+            self.store.reserve_needs_io(sum(sizes), group),
+            self.store.reserve_ahead,
+            sizes,
+            group,
         )
-        await self._reply(header, {"stored": list(result.stored)})
+        if not reservation.slots:
+            return None
+        self.reservations[reservation.reservation_id] = reservation
+        self.ahead_ids.add(reservation.reservation_id)
+        return {
+            "id": reservation.reservation_id,
+            "offsets": [slot.offset for slot in reservation.slots],
+            "deadline": reservation.deadline,
+        }
 
     async def _abort(
         self, header: FrameHeader, body: dict[str, Any], rest: list[int]
     ) -> None:
         self._no_payload(rest)
-        self.store.abort(self._take(self.reservations, proto.field_int(body, "id")))
+        self.store.abort(self._take_reservation(proto.field_int(body, "id")))
         await self._reply(header, {})
 
     async def _lease(
@@ -459,9 +550,14 @@ class Session:
                 "unauthorized", f"{what} needs the operators' token, not a tenant's"
             )
 
+    def _take_reservation(self, reservation_id: int) -> Reservation:
+        self.ahead_ids.discard(reservation_id)
+        return self._take(self.reservations, reservation_id)
+
     def _check_open_count(self) -> None:
         limit = self.limits.max_open_per_connection
-        if len(self.reservations) + len(self.leases) >= limit:
+        held = len(self.reservations) + len(self.leases) - len(self.ahead_ids)
+        if held >= limit:
             raise RemoteError(
                 "bad_request",
                 f"this connection holds server.max_open_per_connection={limit} "
