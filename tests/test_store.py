@@ -502,6 +502,10 @@ def test_a_reservation_made_ahead_refuses_what_it_was_not_made_for(
             store.commit_as(ahead, keys, [size, size // 2])
         with pytest.raises(LayoutError, match="slots"):
             store.commit_as(ahead, prompt(3), [size] * 3)
+        keyed = store.reserve(prompt(1, start=500), [size])
+        with pytest.raises(LayoutError, match="use commit"):
+            store.commit_as(keyed, prompt(1, start=500), [size])
+        store.abort(keyed)
         assert store._memory.used_bytes == 2 * size  # still open, untouched
         mine = store.reserve_ahead([size], keys.quota_group, timeout=10)
         store.commit(mine)  # committed without names: holds nothing

@@ -306,10 +306,13 @@ class TieredStore:
         are given back.
 
         Raises:
-            LayoutError: More keys than slots, or a block's size or quota group is
-                not its slot's (nothing is committed; the reservation stays open).
+            LayoutError: Not a reservation made ahead, more keys than slots, or a
+                block's size or quota group is not its slot's (nothing is committed;
+                the reservation stays open).
         """
         slots = reservation.slots
+        if any(slot.key is not None for slot in slots):
+            raise LayoutError("commit_as names slots reserved ahead; use commit")
         if len(keys) != len(sizes) or len(keys) > len(slots):
             raise LayoutError(
                 f"{len(keys)} keys and {len(sizes)} sizes for a reservation of "

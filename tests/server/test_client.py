@@ -298,6 +298,16 @@ def test_bad_commits_of_slots_ahead_are_refused_and_change_nothing(
             commit({"keys": raw, "sizes": [ahead.sizes[0], 16], "chained": False})
         with pytest.raises(RemoteError, match="sizes"):
             commit({"keys": raw, "sizes": [1]})
+        keyed = c.reserve(keys[:1], [ahead.sizes[0]])
+        with pytest.raises(RemoteError, match="made ahead"):
+            c._run(
+                keyed.conn.call(
+                    Op.COMMIT,
+                    {"id": keyed.reservation_id, "keys": raw[:1], "sizes": [1]},
+                    timeout=10,
+                )
+            )
+        c.abort(keyed)
         assert c.stats()["stats"]["open_reservations"] == 1  # still there, unchanged
         assert c.match(keys).num_blocks == 0
         c._run(conn.call(Op.ABORT, {"id": rid}, timeout=10))

@@ -426,9 +426,11 @@ class Session:
             chain = self._chain(body)
             sizes = proto.field_sizes(body, len(chain))
             reservation = self.reservations.get(reservation_id)
-            if reservation is None:
+            if reservation is None or reservation_id not in self.ahead_ids:
                 raise RemoteError(
-                    "bad_request", f"no open reservation {reservation_id}"
+                    "bad_request",
+                    f"no open reservation {reservation_id} made ahead (keys name "
+                    "only those)",
                 )
             result = await self._off_loop(
                 self.store.commit_needs_io(),
