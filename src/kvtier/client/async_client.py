@@ -383,6 +383,12 @@ class AsyncClient:
     ) -> None:
         if ahead is None:
             return
+        if float(ahead["deadline"]) - time.time() <= _AHEAD_MARGIN_S:
+            # The node takes slots back sooner than a put could safely use them
+            # (store.reservation_timeout is short): stop asking.
+            self._reserve_ahead = False
+            await conn.post(Op.ABORT, {"id": int(ahead["id"])})
+            return
         offsets = [int(o) for o in ahead["offsets"]]
         kept = _Ahead(
             conn,
