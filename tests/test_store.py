@@ -261,6 +261,43 @@ def test_a_put_waits_for_the_writer_to_let_go_of_its_quota(tmp_path: Path) -> No
         assert store.put(keys[2:], blocks_for(keys[2:]), layout=LAYOUT)
         assert store.stats().group_bytes["memory"]["g"] <= 32 * KiB
         assert store.contains(list(keys)) == [True] * 3  # one went down to disk
+        wait_until(
+            lambda: store._place.writes_in_flight == 1, 10, "the writer to take one"
+        )
+        huge = block_keys(ns, list(range(1000, 1016)))  # 64 KiB: over the quota
+        assert store.reserve(huge, [64 * KiB]).slots[0].status == "refused"
+        assert store._place.writes_in_flight == 1  # refused at once, no waiting
+        wait_until(lambda: store._place.writes_in_flight == 0, 10, "the writer")
+
+
+def test_evicting_unwritten_blocks_keeps_the_writes_in_flight_count(
+    tmp_path: Path,
+) -> None:
+    """Evicting a dirty block writes it first; the count of writes in flight must
+    come back to zero (it went negative, and every refusal then waited)."""
+    with make_store(tmp_path) as store:
+        for i in range(40):
+            chain = prompt(1, start=1000 * i)
+            store.put(chain, blocks_for(chain), layout=LAYOUT)
+        store.flush()
+        assert store.stats().demotions > 0
+        assert store._place.writes_in_flight == 0
+
+
+def test_slots_ahead_come_from_free_room_only(tmp_path: Path) -> None:
+    quotas = {"g": {"memory_bytes": 64 * KiB}}
+    with make_store(
+        tmp_path,
+        disk__enabled=False,
+        store__quotas=quotas,
+        store__reserve_ahead_fraction=1.0,
+    ) as store:
+        ns = Namespace("a", layout_id=LAYOUT.layout_id, block_tokens=16, tenant="g")
+        keys = block_keys(ns, list(range(16 * 4)))
+        assert store.put(keys, blocks_for(keys), layout=LAYOUT)  # the whole quota
+        assert not store.reserve_ahead([LAYOUT.block_bytes] * 4, "g").slots
+        assert store.contains(list(keys)) == [True] * 4  # nothing evicted for them
+        assert len(store.reserve_ahead([LAYOUT.block_bytes] * 4).slots) == 4
 
 
 def fill_memory(store: TieredStore, count: int = 40) -> None:

@@ -141,6 +141,16 @@ class Placement:
         self.ledger.hold(MEMORY, meta)
         return offset
 
+    def reserve_free_slot(self, meta: BlockMeta) -> int | None:
+        """A memory slot from room that is free now (within the tier's capacity and
+        the group's quota), evicting nothing; ``None`` if there is none."""
+        if not self.ledger.has_room(MEMORY, meta):
+            return None
+        offset = self.memory.reserve(meta.nbytes)
+        if offset is not None:
+            self.ledger.hold(MEMORY, meta)
+        return offset
+
     def open_reservation(self, deadline: float) -> int:
         reservation_id = self._next_reservation
         self._next_reservation += 1
@@ -157,7 +167,7 @@ class Placement:
         """A slot reserved ahead of a put whose keys are not known yet (see
         :meth:`name`)."""
         self.pending[reservation_id].blocks.append((None, meta, offset))
-        self.unnamed_bytes += meta.nbytes
+        self.unnamed_bytes += slot_bytes(meta.nbytes)
 
     def name(
         self,
@@ -181,7 +191,7 @@ class Placement:
         mine: list[bool] = []
         for i, (unnamed, held, offset) in enumerate(pending.blocks):
             if unnamed is None:
-                self.unnamed_bytes -= held.nbytes
+                self.unnamed_bytes -= slot_bytes(held.nbytes)
             key = keys[i] if i < len(keys) else None
             ok = key is not None and key not in self.reserving and not is_stored(key)
             if ok:
@@ -205,7 +215,7 @@ class Placement:
         committed = []
         for key, meta, offset in pending.blocks:
             if key is None:
-                self.unnamed_bytes -= meta.nbytes
+                self.unnamed_bytes -= slot_bytes(meta.nbytes)
                 self.memory.abort(offset)
                 self.ledger.unhold(MEMORY, meta)
                 continue
@@ -225,7 +235,7 @@ class Placement:
             return 0
         for key, meta, offset in pending.blocks:
             if key is None:
-                self.unnamed_bytes -= meta.nbytes
+                self.unnamed_bytes -= slot_bytes(meta.nbytes)
             else:
                 del self.reserving[key]
             self.memory.abort(offset)
@@ -380,7 +390,6 @@ class Placement:
                 batch_bytes += writes[-1].meta.nbytes
                 if keys is None and batch_bytes >= max_bytes:
                     break
-        self.writes_in_flight += len(writes)
         return writes
 
     def plan_write(self, key: BlockKey, now: float) -> Write:
@@ -396,6 +405,7 @@ class Placement:
             if to_disk:
                 self.ledger.hold(DISK, entry.meta)
         lease = self.acquire(key, entry, float("inf"))
+        self.writes_in_flight += 1  # until finish_writes
         return Write(key, self.memory.view(*location), entry.meta, lease, to_disk)
 
     def write_below(self, writes: list[Write]) -> tuple[list[bool], dict[str, int]]:

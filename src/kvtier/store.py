@@ -21,6 +21,7 @@ itself; *write_back* writes a block down only when memory evicts it (or on close
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import math
@@ -33,6 +34,7 @@ import numpy as np
 
 from kvtier._placement import DISK, LOCAL_TIERS, MEMORY, Lease, Placement, accounts
 from kvtier.config import Config
+from kvtier.core.alloc import slot_bytes
 from kvtier.core.index import BlockIndex, BlockMeta
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.core.ledger import Ledger
@@ -56,6 +58,16 @@ log = logging.getLogger(__name__)
 
 _WRITER_BATCH_BYTES = 64 << 20
 _WRITER_WAIT_S = 5.0  # most a reservation waits for the writer to free room
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 # A reader in this process cannot die apart from the store, so its lease needs no
 # clock: it ends in a finally. Clock-bounded leases are for readers elsewhere (lease()).
 _UNTIL_RELEASED = math.inf
@@ -263,10 +275,10 @@ class TieredStore:
         one put's worth reserved between puts, so that its next put is one round
         trip (copy, then :meth:`commit_as`) instead of two.
 
-        The slots are taken like :meth:`reserve`'s (evicting as needed, held
-        against ``group``'s quota), as many of ``sizes`` as there is room for, in
-        order, within ``store.reserve_ahead_fraction`` of the memory tier for all
-        such reservations together; their keys are ``None``. A reservation with no
+        The slots come from free room only (nothing is evicted for them) and are
+        held against ``group``'s quota: as many of ``sizes`` as there is room for,
+        in order, within ``store.reserve_ahead_fraction`` of the memory tier for all
+        such reservations together. Their keys are ``None``. A reservation with no
         slot is not kept.
         """
         now = self._clock()
@@ -281,13 +293,15 @@ class TieredStore:
             budget = share - place.unnamed_bytes
             reservation_id = place.open_reservation(deadline)
             for nbytes in sizes:
-                budget -= nbytes
+                budget -= slot_bytes(nbytes)
                 if budget < 0:
                     break
                 meta = BlockMeta(nbytes, group)
-                offset = place.reserve_slot(meta, now)
+                # Free room only: evicting for a put that may never come would drop
+                # blocks just put (all of a group's, when its quota is one put).
+                offset = place.reserve_free_slot(meta)
                 if offset is None:
-                    break  # no waiting for the writer: it is only ahead of time
+                    break
                 place.add_unnamed(reservation_id, meta, offset)
                 slots.append(Slot(None, "reserved", offset, nbytes))
             if not slots:
@@ -407,7 +421,13 @@ class TieredStore:
                         place.add_to_reservation(reservation_id, key, meta, offset)
                         slots.append(Slot(key, "reserved", offset, meta.nbytes))
                         break
-                    if not self._wait_for_writer(started):
+                    if (
+                        promote
+                        or not self._ledger.fits_ever(MEMORY, meta)
+                        or not self._wait_for_writer(started)
+                        or reservation_id not in place.pending  # swept meanwhile
+                        or self._closed
+                    ):
                         slots.append(Slot(key, "refused", -1, meta.nbytes))
                         break
             if not promote:
@@ -420,8 +440,10 @@ class TieredStore:
         be), up to ``_WRITER_WAIT_S`` from ``started`` (``time.monotonic()``).
         Whether to try again."""
         left = started + _WRITER_WAIT_S - time.monotonic()
-        if not self._place.writes_in_flight or self._closed or left <= 0:
+        if self._place.writes_in_flight <= 0 or self._closed or left <= 0:
             return False
+        if _on_event_loop():
+            return False  # never hold up a server's loop (its caller misjudged)
         self._work.wait(left)
         return True
 

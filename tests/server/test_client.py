@@ -312,3 +312,29 @@ def test_bad_commits_of_slots_ahead_are_refused_and_change_nothing(
         assert c.match(keys).num_blocks == 0
         c._run(conn.call(Op.ABORT, {"id": rid}, timeout=10))
         assert c.stats()["stats"]["open_reservations"] == 0
+
+
+def test_an_interrupted_blocking_call_drops_its_connection(node_factory: Any) -> None:
+    """Ctrl-C halfway through a frame leaves the stream out of step: the connection
+    must be dropped, or the next request's bytes are read as the rest of the last."""
+    node = node_factory()
+    keys, data = fresh_keys(2), blocks(2)
+    with node.client(shared_memory=False, pool_size=1) as c:
+        c.ping()
+        (conn,) = c.aio._pool
+        assert conn is not None
+        real = conn.channel.send_now
+        sent: list[int] = []
+
+        def interrupted(buffers: Any, deadline: Any) -> None:
+            real(buffers[:1], deadline)  # the header and body go out, not the payload
+            sent.append(1)
+            raise KeyboardInterrupt
+
+        conn.channel.send_now = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            c.put(keys[:1], data[:1], layout=LAYOUT)
+        assert sent and conn.closed
+        assert c.put(keys, data, layout=LAYOUT)  # on a fresh connection
+        got = c.get(keys, layout=LAYOUT)
+        assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))

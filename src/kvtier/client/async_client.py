@@ -84,21 +84,23 @@ class _Ahead:
     offsets: list[int]
     sizes: list[int]
     group: str
-    deadline: float  # the node's clock: Unix time, the same host's
+    # Unix time, the node's clock (the same host's): a put starts in the first half
+    # of the slots' life, so a stall of half store.reservation_timeout mid-copy (15 s
+    # by default) is what it would take to write into slots the node took back.
+    usable_until: float
 
     def fits(self, sizes: list[int], group: str) -> bool:
-        """Whether a put of blocks of ``sizes`` in ``group`` can use these slots now
-        (with time to spare before the node would take them back)."""
+        """Whether a put of blocks of ``sizes`` in ``group`` can use these slots now."""
         return (
             not self.conn.closed
             and group == self.group
             and len(sizes) <= len(self.sizes)
             and self.sizes[: len(sizes)] == sizes
-            and time.time() < self.deadline - _AHEAD_MARGIN_S
+            and time.time() < self.usable_until
         )
 
 
-_AHEAD_MARGIN_S = 5.0  # a put must begin this long before its slots' deadline
+_AHEAD_MIN_MARGIN_S = 5.0  # slots with less than this to spare are not worth it
 
 
 class RemoteLease:
@@ -383,7 +385,9 @@ class AsyncClient:
     ) -> None:
         if ahead is None:
             return
-        if float(ahead["deadline"]) - time.time() <= _AHEAD_MARGIN_S:
+        now = time.time()
+        half_life = (float(ahead["deadline"]) - now) / 2
+        if half_life <= _AHEAD_MIN_MARGIN_S:
             # The node takes slots back sooner than a put could safely use them
             # (store.reservation_timeout is short): stop asking.
             self._reserve_ahead = False
@@ -396,7 +400,7 @@ class AsyncClient:
             offsets,
             sizes[: len(offsets)],
             group,
-            float(ahead["deadline"]),
+            now + half_life,
         )
         stale, self._ahead = self._ahead, kept
         if stale is not None:  # a concurrent put's: one is enough

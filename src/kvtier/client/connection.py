@@ -170,8 +170,14 @@ class Connection:
                 self._read_one_now(deadline)
         except TimeoutError:
             raise self._timed_out(waiting, timeout) from None
-        except ConnectionLostError as exc:
-            self._fail(exc)
+        except BaseException as exc:
+            # Lost, or interrupted (Ctrl-C) halfway through a frame: either way the
+            # stream is out of step, and the next request must not go on it.
+            self._fail(
+                exc
+                if isinstance(exc, ConnectionLostError)
+                else ConnectionLostError(f"interrupted: {exc!r}")
+            )
             _retrieved(waiting.future)
             raise
         return waiting.future.result()
@@ -220,6 +226,9 @@ class Connection:
                 await self.channel.send(self._frame(waiting, body))
         except ConnectionLostError as exc:
             self._fail(exc)
+        except BaseException as exc:  # interrupted mid-frame: out of step
+            self._fail(ConnectionLostError(f"interrupted: {exc!r}"))
+            raise
 
     async def _await_reply(
         self, future: asyncio.Future[dict[str, Any]]

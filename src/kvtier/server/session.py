@@ -398,6 +398,8 @@ class Session:
         chain = self._chain(body)
         sizes = proto.field_sizes(body, len(chain))
         timeout = proto.field_optional(body, "timeout", (int, float))
+        if timeout is not None and not timeout > 0:
+            raise RemoteError("bad_request", f"timeout must be > 0 s, got {timeout}")
         reservation = await self._off_loop(
             self.store.reserve_needs_io(sum(sizes), chain.quota_group),
             self.store.reserve,
@@ -447,7 +449,11 @@ class Session:
             )
         reply: dict[str, Any] = {"stored": list(result.stored)}
         if ahead is not None:
-            reserved = await self._reserve_ahead(*ahead)
+            try:
+                reserved = await self._reserve_ahead(*ahead)
+            except Exception as exc:  # the commit stands: say so, without slots
+                log.debug("no slots ahead for %s: %r", self.peer, exc)
+                reserved = None
             if reserved is not None:
                 reply["ahead"] = reserved
         await self._reply(header, reply)
@@ -483,6 +489,10 @@ class Session:
         ``_MAX_AHEAD`` such reservations unused (the next put then reserves as
         usual). Only the client knows whether it is copying into one already, so
         only the client gives back the ones it will not use."""
+        for stale in [
+            i for i in self.ahead_ids if self.reservations[i].deadline <= time.time()
+        ]:  # past their deadline (a put cancelled before it saw them): the sweep's
+            self.store.abort(self._take_reservation(stale))
         if len(self.ahead_ids) >= _MAX_AHEAD:
             return None  # the client has not used (or given back) the last ones
         reservation = await self._off_loop(
