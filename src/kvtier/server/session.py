@@ -471,12 +471,7 @@ class Session:
                 "bad_request", "ahead must be a map with a list of sizes and a group"
             )
         sizes = proto.field_sizes(ahead, len(sizes))
-        if len(sizes) > self.limits.max_keys_per_request:
-            raise RemoteError(
-                "bad_request",
-                f"{len(sizes)} sizes is over server.max_keys_per_request="
-                f"{self.limits.max_keys_per_request}",
-            )
+        self._check_per_request(len(sizes), "sizes")
         group = proto.field_optional(ahead, "group", str) or "default"
         assert self.caller is not None, "authenticated before any keyed request"
         return sizes, self.caller.tenant or group
@@ -547,14 +542,17 @@ class Session:
     def _keys(self, body: dict[str, Any]) -> list[BlockKey]:
         """The request's keys, at most max_keys_per_request, scoped to the caller."""
         keys = proto.field_keys(body)
-        if len(keys) > self.limits.max_keys_per_request:
-            raise RemoteError(
-                "bad_request",
-                f"{len(keys)} keys is over server.max_keys_per_request="
-                f"{self.limits.max_keys_per_request}",
-            )
+        self._check_per_request(len(keys), "keys")
         assert self.caller is not None, "authenticated before any keyed request"
         return scope_keys(self.caller, keys)
+
+    def _check_per_request(self, count: int, what: str) -> None:
+        limit = self.limits.max_keys_per_request
+        if count > limit:
+            raise RemoteError(
+                "bad_request",
+                f"{count} {what} is over server.max_keys_per_request={limit}",
+            )
 
     def _operators_only(self, what: str) -> None:
         if self.caller is not None and not self.caller.is_operator:
