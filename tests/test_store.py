@@ -274,8 +274,9 @@ def test_evicting_unwritten_blocks_keeps_the_writes_in_flight_count(
     tmp_path: Path,
 ) -> None:
     """Evicting a dirty block writes it first; the count of writes in flight must
-    come back to zero (it went negative, and every refusal then waited)."""
-    with make_store(tmp_path) as store:
+    come back to zero (it went negative, and every refusal then waited). Write-back
+    leaves every block dirty until evicted, so the evictions must demote."""
+    with make_store(tmp_path, store__write_policy="write_back") as store:
         for i in range(40):
             chain = prompt(1, start=1000 * i)
             store.put(chain, blocks_for(chain), layout=LAYOUT)
