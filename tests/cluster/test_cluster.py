@@ -47,9 +47,19 @@ def test_puts_and_gets_spread_over_the_nodes(
         assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))
         assert c.match(keys).num_blocks == 60
         assert c.contains([keys[5], chain(1)[0]]) == [True, False]
-    held = [held_blocks(n) for n in nodes]
-    assert sum(held) == 2 * 60  # R = 2
-    assert min(held) > 10  # spread, not piled on one node
+        held = [held_blocks(n) for n in nodes]
+        assert sum(held) == 2 * 60  # R = 2
+        assert min(held) > 10  # spread, not piled on one node
+
+        # Sliding-window match across nodes: a hole at block 20 ends the prefix
+        # match, not a window match whose window fits after it.
+        assert c.delete([keys[20]]) == 1
+        assert c.match(keys).num_blocks == 20
+        windowed = c.match(keys, window=5)
+        assert windowed.num_blocks == 60
+        assert len(windowed.tiers) == 5
+        assert set(windowed.tiers) <= set(c.nodes)
+        assert c.match(keys, window=45).num_blocks == 20  # only 39 stored after it
 
 
 def test_a_killed_node_costs_no_request_and_rejoins(

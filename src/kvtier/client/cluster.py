@@ -31,6 +31,7 @@ import numpy as np
 from kvtier.client.async_client import AsyncClient
 from kvtier.cluster.etcd import Etcd
 from kvtier.cluster.membership import Membership
+from kvtier.core.index import window_match_end
 from kvtier.core.keys import BlockKey, KeyChain
 from kvtier.core.placement import Member, Placement
 from kvtier.errors import ClusterError, LayoutError, NodeError
@@ -344,12 +345,17 @@ class AsyncClusterClient:
     async def match(
         self, keys: Sequence[BlockKey], *, window: int | None = None
     ) -> Match:
-        """Leading stored blocks (prefix match); ``tiers`` names the serving node."""
-        if window is not None:
-            raise ClusterError("sliding-window match is per node; use a node's client")
+        """Leading stored blocks (see ``TieredStore.match``), across the cluster:
+        ``tiers`` names the node serving each block (of the window's blocks only,
+        for a sliding-window match)."""
         present = await self.contains(keys)
-        count = present.index(False) if False in present else len(present)
-        owners = self._placement.replicas(keys[:count], 1)
+        if window is None:
+            count = present.index(False) if False in present else len(present)
+            start = 0
+        else:
+            count = window_match_end(present, window)
+            start = max(0, count - window)
+        owners = self._placement.replicas(keys[start:count], 1)
         return Match(count, tuple(nodes[0] if nodes else "" for nodes in owners))
 
     async def list(

@@ -23,7 +23,24 @@ from dataclasses import dataclass, field
 
 from kvtier.core.keys import BlockKey
 
-__all__ = ["BlockIndex", "BlockMeta", "Entry", "MatchResult"]
+__all__ = ["BlockIndex", "BlockMeta", "Entry", "MatchResult", "window_match_end"]
+
+
+def window_match_end(present: Sequence[bool], window: int) -> int:
+    """The longest prefix of a prompt whose last ``window`` blocks are all stored.
+
+    ``present[i]`` says whether block ``i`` is stored; a prefix shorter than the
+    window must be stored whole.
+    """
+    if window <= 0:
+        raise ValueError(f"window must be a positive number of blocks, got {window}")
+    run = 0  # stored blocks in a row ending at the current position
+    end = 0
+    for position, stored in enumerate(present):
+        run = run + 1 if stored else 0
+        if run >= min(window, position + 1):
+            end = position + 1
+    return end
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,21 +197,10 @@ class BlockIndex:
         A sliding-window model resuming after block ``n`` needs only blocks
         ``n - window .. n - 1``; earlier blocks may be gone.
         """
-        if window <= 0:
-            raise ValueError(
-                f"window must be a positive number of blocks, got {window}"
-            )
         entries = [self.get(key, now) for key in keys]
-        run = 0  # stored blocks in a row ending at the current position
-        best_end = 0
-        for position, entry in enumerate(entries):
-            run = run + 1 if entry is not None else 0
-            if run >= min(window, position + 1):
-                best_end = position + 1
-        start = max(0, best_end - window)
-        return MatchResult(
-            best_end, tuple(e.hottest_tier for e in entries[start:best_end] if e)
-        )
+        end = window_match_end([e is not None for e in entries], window)
+        start = max(0, end - window)
+        return MatchResult(end, tuple(e.hottest_tier for e in entries[start:end] if e))
 
     def match_exact(self, keys: Sequence[BlockKey], now: float) -> list[bool]:
         """For each key, whether it is stored."""
