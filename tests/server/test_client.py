@@ -338,3 +338,101 @@ def test_an_interrupted_blocking_call_drops_its_connection(node_factory: Any) ->
         assert c.put(keys, data, layout=LAYOUT)  # on a fresh connection
         got = c.get(keys, layout=LAYOUT)
         assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))
+
+
+def test_a_put_cancelled_mid_payload_stores_nothing_wrong(node: NodeProcess) -> None:
+    """A task cancelled halfway through a put's frame (its payload half sent) must
+    drop the connection: on it, the node would read the next request's bytes as the
+    rest of that payload and store them under the cancelled put's key."""
+
+    async def scenario() -> None:
+        async with AsyncClient(node.address, shared_memory=False, pool_size=1) as c:
+            await c.ping()
+            (conn,) = c._pool
+            assert conn is not None
+            real = conn.channel.send
+            stalled = asyncio.Event()
+
+            async def half_sent(buffers: Any) -> None:
+                await real(buffers[:1])  # the header and body go out, not the payload
+                stalled.set()
+                await asyncio.Event().wait()  # until cancelled
+
+            conn.channel.send = half_sent  # type: ignore[method-assign]
+            keys, data = fresh_keys(2), blocks(2, seed=3)
+            put = asyncio.create_task(c.put(keys[:1], data[:1], layout=LAYOUT))
+            await stalled.wait()
+            put.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            assert conn.closed
+            assert await c.put(keys[1:], data[1:], layout=LAYOUT)  # a new connection
+            assert (await c.match(keys[:1])).num_blocks == 0
+            (got,) = await c.get(keys[1:], layout=LAYOUT)
+            assert np.array_equal(got, data[1])
+
+    asyncio.run(scenario())
+
+
+def test_a_read_cancelled_mid_reply_drops_its_connection(node: NodeProcess) -> None:
+    """The next reader would start in the middle of the reply's frame."""
+
+    async def scenario() -> None:
+        async with AsyncClient(node.address, shared_memory=False, pool_size=1) as c:
+            keys, data = fresh_keys(1), blocks(1, seed=4)
+            assert await c.put(keys, data, layout=LAYOUT)
+            (conn,) = c._pool
+            assert conn is not None
+            real = conn.channel.recv_into
+            stalled = asyncio.Event()
+
+            async def half_read(buffer: Any) -> None:
+                if stalled.is_set() or memoryview(buffer).nbytes < LAYOUT.block_bytes:
+                    await real(buffer)
+                    return
+                stalled.set()  # the payload's buffer: stop before reading it
+                await asyncio.Event().wait()
+
+            conn.channel.recv_into = half_read  # type: ignore[method-assign]
+            get = asyncio.create_task(c.get(keys, layout=LAYOUT))
+            await stalled.wait()
+            get.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await get
+            assert conn.closed
+            (got,) = await c.get(keys, layout=LAYOUT)  # a new connection
+            assert np.array_equal(got, data[0])
+
+    asyncio.run(scenario())
+
+
+def test_slots_ahead_of_a_cancelled_put_are_given_back(node_factory: Any) -> None:
+    """The reply of a commit whose put was cancelled is read by the next reader; the
+    slots it reserved ahead are aborted then, not held until their deadline."""
+    node = node_factory()
+
+    async def open_reservations(c: AsyncClient) -> int:
+        return int((await c.stats())["stats"]["open_reservations"])
+
+    async def scenario() -> None:
+        async with AsyncClient(node.address, pool_size=1) as c:
+            assert c.shared_memory
+            assert await c.put(fresh_keys(2), blocks(2), layout=LAYOUT)
+            assert await open_reservations(c) == 1  # the slots ahead
+            (conn,) = c._pool
+            assert conn is not None
+            async with conn._read_lock:  # nobody reads the commit's reply yet
+                put = asyncio.create_task(c.put(fresh_keys(2), blocks(2), layout=LAYOUT))
+                while not conn._waiting:  # its commit is sent
+                    await asyncio.sleep(0)
+                put.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await put
+            assert not conn.closed
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while await open_reservations(c) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert await open_reservations(c) == 0
+
+    asyncio.run(scenario())

@@ -186,6 +186,7 @@ class AsyncClient:
         self._blocking = False  # see wait_on_calling_thread
         self._reserve_ahead = reserve_ahead
         self._ahead: _Ahead | None = None
+        self._background: set[asyncio.Future[None]] = set()  # posts from callbacks
 
     # ------------------------------------------------------------- lifecycle
 
@@ -369,12 +370,25 @@ class AsyncClient:
         if self._reserve_ahead and sizes:
             body["ahead"] = {"sizes": sizes, "group": group}
         try:
-            reply = await conn.call(Op.COMMIT, body, timeout=self._timeout)
+            reply = await conn.call(
+                Op.COMMIT,
+                body,
+                timeout=self._timeout,
+                late_reply=lambda late: self._give_back_ahead(conn, late.get("ahead")),
+            )
         except RemoteError:
             await conn.post(Op.ABORT, {"id": reservation_id})  # still open there
             raise
         await self._keep_ahead(conn, reply.get("ahead"), sizes, group)
         return PutResult(tuple(bool(s) for s in reply["stored"]))
+
+    def _give_back_ahead(self, conn: Connection, ahead: dict[str, Any] | None) -> None:
+        """Aborts slots reserved ahead by a commit whose put was cancelled (from a
+        done callback, on the loop)."""
+        if ahead is not None:
+            task = asyncio.ensure_future(conn.post(Op.ABORT, {"id": int(ahead["id"])}))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _keep_ahead(
         self,

@@ -126,8 +126,13 @@ class Connection:
         payload: Sequence[Any] = (),
         sink: Sink | None = None,
         timeout: float | None = None,
+        late_reply: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Sends one request and waits for its reply's body.
+
+        ``late_reply`` gets the body of a reply that comes in after the caller was
+        cancelled (on the loop, from whoever reads it): what it holds, such as slots
+        reserved ahead, can then be given back.
 
         Raises:
             RemoteError: The node answered with an error.
@@ -143,8 +148,11 @@ class Connection:
             buffers = self._frame(waiting, body, payload)
             try:
                 await self.channel.send(buffers)
-            except ConnectionLostError as exc:
-                self._fail(exc)
+            except BaseException as exc:
+                # Lost, or cancelled halfway through the frame: the node would read
+                # the next request's bytes as the rest of this one (a put's payload
+                # among them), so the connection must go.
+                self._fail(_lost(exc))
                 _retrieved(waiting.future)  # raised here instead
                 raise
         try:
@@ -152,6 +160,9 @@ class Connection:
                 return await self._await_reply(waiting.future)
         except TimeoutError:
             raise self._timed_out(waiting, timeout) from None
+        except asyncio.CancelledError:
+            waiting.future.add_done_callback(_Orphan(late_reply))
+            raise
 
     def _call_now(
         self,
@@ -173,11 +184,7 @@ class Connection:
         except BaseException as exc:
             # Lost, or interrupted (Ctrl-C) halfway through a frame: either way the
             # stream is out of step, and the next request must not go on it.
-            self._fail(
-                exc
-                if isinstance(exc, ConnectionLostError)
-                else ConnectionLostError(f"interrupted: {exc!r}")
-            )
+            self._fail(_lost(exc))
             _retrieved(waiting.future)
             raise
         return waiting.future.result()
@@ -227,7 +234,7 @@ class Connection:
         except ConnectionLostError as exc:
             self._fail(exc)
         except BaseException as exc:  # interrupted mid-frame: out of step
-            self._fail(ConnectionLostError(f"interrupted: {exc!r}"))
+            self._fail(_lost(exc))
             raise
 
     async def _await_reply(
@@ -251,6 +258,11 @@ class Connection:
         except (ConnectionLostError, ProtocolError) as exc:
             self._fail(exc)
             raise ConnectionLostError(str(exc)) from exc
+        except BaseException as exc:
+            # Cancelled (a caller's timeout) with the reply maybe half read: the
+            # next reader would start mid-frame, so the connection must go.
+            self._fail(_lost(exc))
+            raise
 
     def _read_one_now(self, deadline: float | None) -> None:
         try:
@@ -310,6 +322,27 @@ class Connection:
             return
         level = logging.DEBUG if self._closed_here else logging.WARNING
         log.log(level, "a request without a waiter failed: %s", future.exception())
+
+
+@dataclass
+class _Orphan:
+    """Settles the reply of a request whose caller was cancelled: its error is
+    dropped (nobody is left to raise it to), its body goes to ``late_reply``."""
+
+    late_reply: Callable[[dict[str, Any]], None] | None
+
+    def __call__(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        if self.late_reply is not None:
+            self.late_reply(future.result())
+
+
+def _lost(exc: BaseException) -> ConnectionLostError:
+    """The error that ends a connection whose stream ``exc`` left out of step."""
+    if isinstance(exc, ConnectionLostError):
+        return exc
+    return ConnectionLostError(f"interrupted mid-frame: {exc!r}")
 
 
 def _retrieved(future: asyncio.Future[dict[str, Any]]) -> None:
