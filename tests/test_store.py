@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,25 +249,48 @@ def test_a_put_waits_for_the_writer_to_let_go_of_its_quota(tmp_path: Path) -> No
             "store.quotas": {"g": {"memory_bytes": 32 * KiB}},
         }
     )
-    plan = FaultPlan()
-    tiers, _ = faulty_tiers(config, plan)
+    tiers, (disk,) = faulty_tiers(config, FaultPlan())
+    gate = threading.Semaphore(0)  # each release lets one of the writer's batches by
+    real_write = disk.write
+
+    def gated_write(items: Any) -> list[bool]:
+        assert gate.acquire(timeout=30), "the test never let this write through"
+        return real_write(items)
+
+    disk.write = gated_write  # type: ignore[method-assign]
     ns = Namespace("q", layout_id=LAYOUT.layout_id, block_tokens=16, tenant="g")
     keys = block_keys(ns, list(range(16 * 3)))
     with TieredStore(config, tiers=tiers) as store:
-        plan.latency_s = 1.0  # each write to disk takes a second
         assert store.put(keys[:2], blocks_for(keys[:2]), layout=LAYOUT)
         wait_until(
             lambda: store._place.writes_in_flight == 2, 10, "the writer to take both"
         )
+        waiting = threading.Event()
+        real_wait = store._wait_for_writer
+
+        def observed_wait(started: float) -> bool:
+            waiting.set()
+            return real_wait(started)
+
+        store._wait_for_writer = observed_wait  # type: ignore[method-assign]
+        # The writes go on once the put waits for them (the writer cannot finish
+        # before the wait lets go of the store's lock, so no wake-up is lost).
+        releaser = threading.Thread(target=lambda: waiting.wait(30) and gate.release())
+        releaser.start()
         assert store.put(keys[2:], blocks_for(keys[2:]), layout=LAYOUT)
+        releaser.join()
+        assert waiting.is_set()  # it waited, and was not refused
         assert store.stats().group_bytes["memory"]["g"] <= 32 * KiB
         assert store.contains(list(keys)) == [True] * 3  # one went down to disk
         wait_until(
             lambda: store._place.writes_in_flight == 1, 10, "the writer to take one"
         )
+        waiting.clear()
         huge = block_keys(ns, list(range(1000, 1016)))  # 64 KiB: over the quota
         assert store.reserve(huge, [64 * KiB]).slots[0].status == "refused"
-        assert store._place.writes_in_flight == 1  # refused at once, no waiting
+        assert not waiting.is_set()  # refused at once, no waiting
+        assert store._place.writes_in_flight == 1  # held at the gate
+        gate.release()
         wait_until(lambda: store._place.writes_in_flight == 0, 10, "the writer")
 
 

@@ -195,7 +195,7 @@ def test_the_blocking_client_waits_on_its_own_thread_in_order(
     """The sync client reads its replies on the calling thread; replies to requests
     nobody waits for (a get's release) are read in order on the way, and an error
     reply leaves the connection usable."""
-    node = node_factory()
+    node = node_factory("store.write_policy=write_back")  # the writer's leases count
     keys, data = fresh_keys(6), blocks(6)
     with node.client(shared_memory=shm, pool_size=1) as c:
         assert c.put(keys, data, layout=LAYOUT)
@@ -422,7 +422,9 @@ def test_slots_ahead_of_a_cancelled_put_are_given_back(node_factory: Any) -> Non
             (conn,) = c._pool
             assert conn is not None
             async with conn._read_lock:  # nobody reads the commit's reply yet
-                put = asyncio.create_task(c.put(fresh_keys(2), blocks(2), layout=LAYOUT))
+                put = asyncio.create_task(
+                    c.put(fresh_keys(2), blocks(2), layout=LAYOUT)
+                )
                 while not conn._waiting:  # its commit is sent
                     await asyncio.sleep(0)
                 put.cancel()
