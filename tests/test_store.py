@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -356,11 +357,19 @@ def test_a_crashed_readers_lease_runs_out(tmp_path: Path) -> None:
         keys = prompt(1)
         store.put(keys, blocks_for(keys), layout=LAYOUT)
         lease = store.lease(keys)  # never released: the reader "crashed"
+        until_released = store.lease(keys, seconds=math.inf)
         fill_memory(store)
         assert store.match(keys).num_blocks == 1
-        clock.now += 5
+        clock.now += 4.9
+        assert not lease.expired()
+        clock.now += 0.1
+        assert lease.expired()  # what it copied from here on may be another block
+        fill_memory(store)
+        assert store.match(keys).num_blocks == 1  # the other reader holds it
+        until_released.release()
         fill_memory(store)
         assert store.match(keys).num_blocks == 0
+        assert not until_released.expired()
         lease.release()  # a late release after the slot was reused is harmless
 
 

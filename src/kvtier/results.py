@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -109,8 +110,9 @@ class BlockLease:
 
     ``views[i]`` is a read-only ``uint8`` view of block ``keys[i]`` at ``offsets[i]``
     of the arena, valid until the lease is released or runs out
-    (``store.lease_seconds``): after that its slot may hold another block. Release it
-    with :meth:`release` or a ``with`` block.
+    (``store.lease_seconds``): after that its slot may hold another block, so a
+    reader checks :meth:`expired` after copying out. Release it with :meth:`release`
+    or a ``with`` block.
     """
 
     def __init__(
@@ -120,12 +122,21 @@ class BlockLease:
         views: list[np.ndarray[Any, Any]],
         deadline: float,
         release: Callable[[], None],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.keys = keys
         self.offsets = offsets
         self.views = views
         self.deadline = deadline
         self._release: Callable[[], None] | None = release
+        self._clock = clock
+
+    def expired(self) -> bool:
+        """Whether the lease has run out: call it when a copy out of the views is
+        done. ``False`` means the copy read the leased blocks; ``True`` that their
+        slots may have been reused meanwhile, so what was copied must be thrown
+        away (a miss)."""
+        return self._clock() >= self.deadline
 
     @property
     def num_blocks(self) -> int:

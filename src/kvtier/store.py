@@ -682,18 +682,25 @@ class TieredStore:
                 return remote.name, block
         return None
 
-    def lease(self, keys: Sequence[BlockKey]) -> BlockLease:
+    def lease(
+        self, keys: Sequence[BlockKey], *, seconds: float | None = None
+    ) -> BlockLease:
         """Leases the leading stored blocks of ``keys`` for reading in place.
 
         Blocks on disk are promoted into memory first, so every leased block has a
         view into the arena: engines copy from it straight to a GPU or a socket, with
         no copy in between. The lease keeps the blocks from eviction and their slots
-        from reuse for ``store.lease_seconds``, or until released: a reader that dies
-        without releasing leaks nothing.
+        from reuse for ``seconds`` (default ``store.lease_seconds``), or until
+        released: a reader that dies without releasing leaks nothing. A copy that
+        ends after that may have read another block's bytes: check
+        :meth:`BlockLease.expired` once it is done. ``math.inf`` lasts until
+        released, for a reader that releases in a ``finally`` and bounds its own time.
         """
         self._prefetch(keys)
         now = self._clock()
-        deadline = now + self.config.store.lease_seconds
+        if seconds is None:
+            seconds = self.config.store.lease_seconds
+        deadline = now + seconds
         with self._lock:
             self._check_open()
             leases = self._place.lease_prefix(keys, now, deadline)
@@ -718,6 +725,7 @@ class TieredStore:
             views,
             deadline,
             lambda: self._release_leases(leases),
+            self._clock,
         )
 
     def _count_lookup(self, asked: int, found: int) -> None:

@@ -438,3 +438,19 @@ def test_slots_ahead_of_a_cancelled_put_are_given_back(node_factory: Any) -> Non
             assert await open_reservations(c) == 0
 
     asyncio.run(scenario())
+
+
+def test_a_same_host_read_that_outlives_its_lease_is_a_miss(node_factory: Any) -> None:
+    """After its lease runs out a slot may hold another block: a copy out of it that
+    ends later is thrown away (here every lease runs out at once)."""
+    node = node_factory("store.lease_seconds=0.000001")
+    keys, data = fresh_keys(2), blocks(2, seed=5)
+    with node.client(shared_memory=True) as c:
+        assert c.put(keys, data, layout=LAYOUT)
+        assert c.match(keys).num_blocks == 2
+        assert c.get(keys, layout=LAYOUT) == []
+        outs = [np.zeros(LAYOUT.block_shape, np.float16) for _ in range(2)]
+        assert c.get_into(keys, outs, layout=LAYOUT) == 0
+    with node.client(shared_memory=False) as c:  # a TCP get holds them until sent
+        got = c.get(keys, layout=LAYOUT)
+        assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))

@@ -11,13 +11,14 @@ import sys
 import textwrap
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvnode import NodeProcess, wait_until
-from kvwire import closed_by_peer, read_frame
+from kvwire import closed_by_peer, read_frame, recv_exact
 from kvwire import hello as say_hello
 
 from kvtier import Namespace, block_keys
@@ -260,4 +261,66 @@ def test_after_fuzzing_the_node_serves_and_memory_is_bounded(node: NodeProcess) 
 def test_a_short_header_then_eof_is_harmless(node: NodeProcess, fmt: bytes) -> None:
     with raw_connect(node) as sock:
         sock.sendall(fmt)
+    still_serving(node)
+
+
+def held_slots(node: NodeProcess) -> int:
+    with node.client(shared_memory=False, retries=0) as client:
+        return int(client.stats()["stats"]["held_slots"])
+
+
+def test_a_slow_tcp_reader_gets_the_bytes_it_asked_for(node_factory: Any) -> None:
+    """A TCP get's blocks go out of the arena as the socket takes them: they stay
+    held for the whole reply, however long the client takes to read it, even past
+    store.lease_seconds and while puts evict everything else."""
+    node = node_factory("store.lease_seconds=0.2", "disk.enabled=false")
+    ns = Namespace(uuid.uuid4().hex, block_tokens=1)
+    keys = block_keys(ns, list(range(8)))
+    size = 48 << 20  # far more than the socket buffers hold
+    blocks = [np.full(size, i + 1, dtype=np.uint8) for i in range(8)]
+    with node.client(shared_memory=False) as client:
+        assert client.put(keys[:1], blocks[:1])
+        with raw_connect(node) as sock:
+            sock.sendall(
+                proto.encode_frame(Kind.REQUEST, Op.GET, 2, {"keys": [bytes(keys[0])]})
+            )
+            header = proto.FrameHeader.unpack(
+                recv_exact(sock, proto.HEADER.size), 1 << 40
+            )
+            assert header.payload_bytes == size  # the reply is on its way
+            # Let the read lease's time run out (the time is what is tested), then
+            # evict everything evictable: the reply's block must stay put.
+            time.sleep(0.3)
+            for i in range(1, 8):  # 8 x 48 MiB through a 256 MiB arena
+                client.put(keys[i : i + 1], blocks[i : i + 1])
+            assert held_slots(node) == 1
+            recv_exact(sock, header.body_bytes)
+            payload = bytearray(size)
+            view = memoryview(payload)
+            while view:
+                count = sock.recv_into(view)
+                assert count
+                view = view[count:]
+            assert np.array_equal(np.frombuffer(payload, np.uint8), blocks[0])
+    wait_until(lambda: held_slots(node) == 0, 10, "the reply's slot to be let go")
+
+
+def test_a_tcp_reader_slower_than_reply_timeout_is_cut_off(node_factory: Any) -> None:
+    """It cannot hold blocks in the arena for longer than server.reply_timeout."""
+    node = node_factory("server.reply_timeout=1", "disk.enabled=false")
+    keys = block_keys(Namespace(uuid.uuid4().hex, block_tokens=1), [1])
+    size = 48 << 20
+    with node.client(shared_memory=False) as client:
+        assert client.put(keys, [np.ones(size, dtype=np.uint8)])
+    with raw_connect(node) as sock:
+        sock.sendall(
+            proto.encode_frame(Kind.REQUEST, Op.GET, 2, {"keys": [bytes(keys[0])]})
+        )
+        recv_exact(sock, proto.HEADER.size)  # the reply is on its way
+        wait_until(lambda: held_slots(node) == 0, 10, "the node to give up")
+        received = 0
+        while chunk := sock.recv(1 << 20):  # what it sent before, then the end
+            received += len(chunk)
+        assert 0 < received < size
+    assert "slower than server.reply_timeout" in node.log_text()
     still_serving(node)

@@ -124,6 +124,11 @@ class RemoteLease:
     def num_blocks(self) -> int:
         return len(self.views)
 
+    def expired(self) -> bool:
+        """Whether the lease has run out (see ``BlockLease.expired``): the node is on
+        this host, so its deadline is in this clock."""
+        return time.time() >= self.deadline
+
 
 class AsyncClient:
     """A client of one kvtier node. ``async with AsyncClient("host:7480") as c: ...``
@@ -436,6 +441,8 @@ class AsyncClient:
                 outs = [np.array(view) for view in lease.views]  # copies out
             finally:
                 await self._release_later(lease)
+            if _outlived(lease):
+                outs = []
         else:
             await self._retrying(
                 lambda: self._call(
@@ -463,7 +470,7 @@ class AsyncClient:
                     np.copyto(target, view)
             finally:
                 await self._release_later(lease)
-            return lease.num_blocks
+            return 0 if _outlived(lease) else lease.num_blocks
 
         def sink(body: dict[str, Any]) -> list[Any]:
             sizes = body["sizes"]
@@ -605,6 +612,18 @@ def _chain_body(keys: Sequence[BlockKey]) -> dict[str, Any]:
     else:
         body["chained"] = False
     return body
+
+
+def _outlived(lease: RemoteLease) -> bool:
+    """Whether a copy out of ``lease`` ended after it ran out (so read maybe another
+    block's bytes): the read is then a miss."""
+    if not lease.expired():
+        return False
+    log.warning(
+        "a read of %d blocks outlived its lease (store.lease_seconds): a miss",
+        lease.num_blocks,
+    )
+    return True
 
 
 def _check_size(target: Array, nbytes: int) -> None:

@@ -25,12 +25,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from kvtier._pinning import pin_for_cuda, unpin
-from kvtier.client import Client, ClusterClient
+from kvtier.client import Client, ClusterClient, RemoteLease
 from kvtier.config import Config, load_config
 from kvtier.core.keys import BlockKey
 from kvtier.errors import ConfigError, KVTierError
 from kvtier.layout import KVLayout
-from kvtier.results import Match, PutResult
+from kvtier.results import BlockLease, Match, PutResult
 from kvtier.store import TieredStore
 
 __all__ = [
@@ -242,17 +242,26 @@ class Blocks:
             return 0
 
     def _read_leased(self, keys: Sequence[BlockKey], sink: Sink, wait: Any) -> int:
+        """Straight out of leased arena slots; 0 when the copies ended after the
+        lease ran out (the slots may have held other blocks by then: the copy path
+        then reads them all again, over what the sink was given)."""
         backend = self.backend
+        lease: BlockLease | RemoteLease
         if isinstance(backend, TieredStore):
             with backend.lease(keys) as lease:
-                return _drain(lease.views, sink, wait)
-        if isinstance(backend, Client) and backend.shared_memory:
-            remote = backend.lease(keys)
+                done = _drain(lease.views, sink, wait)
+        elif isinstance(backend, Client) and backend.shared_memory:
+            lease = backend.lease(keys)
             try:
-                return _drain(remote.views, sink, wait)
+                done = _drain(lease.views, sink, wait)
             finally:
-                backend.release(remote)
-        return 0
+                backend.release(lease)
+        else:
+            return 0
+        if lease.expired():
+            log.warning("a read outlived its lease (store.lease_seconds): copying")
+            return 0
+        return done
 
     def _read_copied(
         self,

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -304,18 +305,37 @@ class Session:
         keys = self._keys(body)
         exact = body.get("exact", False) is True
         leases = []
+        # The blocks go out of the arena as the socket takes them: they are held
+        # until the reply is out (released below, whatever happens), and a client
+        # slower than reply_timeout is cut off, so nothing is sent once released.
         try:
             for group in [[key] for key in keys] if exact else [keys]:
                 needs_io = self.store.lease_needs_io(group)
-                leases.append(await self._off_loop(needs_io, self.store.lease, group))
+                leases.append(
+                    await self._off_loop(
+                        needs_io, self.store.lease, group, seconds=math.inf
+                    )
+                )
             views = [view for lease in leases for view in lease.views]
             sizes = (
                 [lease.views[0].nbytes if lease.views else -1 for lease in leases]
                 if exact
                 else [view.nbytes for view in views]
             )
-            await self._reply(header, {"sizes": sizes}, views)
-            self.node.metrics.observe_sent(sum(view.nbytes for view in views))
+            nbytes = sum(view.nbytes for view in views)
+            try:
+                async with asyncio.timeout(self.limits.reply_timeout):
+                    await self._reply(header, {"sizes": sizes}, views)
+            except TimeoutError:
+                log.warning(
+                    "closing %s: it read a reply of %d bytes slower than "
+                    "server.reply_timeout (%s s)",
+                    self.peer,
+                    nbytes,
+                    self.limits.reply_timeout,
+                )
+                raise ConnectionLostError("reply_timeout") from None
+            self.node.metrics.observe_sent(nbytes)
         finally:
             for lease in leases:
                 lease.release()
