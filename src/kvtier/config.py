@@ -428,11 +428,11 @@ class ServerConfig:
     drain_seconds: float = _doc(
         "On SIGTERM, how long in-flight requests get to finish.", 10.0
     )
-    reply_timeout: float = _doc(
-        "Seconds a reply carrying blocks (a TCP get) may take to send. Its blocks "
-        "are sent straight out of the memory arena and held there until the reply "
-        "is out; a client that reads slower is disconnected, so it cannot pin "
-        "memory for longer.",
+    transfer_timeout: float = _doc(
+        "Seconds the blocks of one TCP request may take to cross the connection (a "
+        "put's payload, a get's reply). They go straight between the socket and "
+        "the memory arena, whose slots stay held until they are through; a client "
+        "slower than this is disconnected, so it cannot pin memory for longer.",
         60.0,
     )
 
@@ -449,7 +449,7 @@ class ServerConfig:
         _check_positive("server.max_connections", self.max_connections)
         _check_non_negative("server.drain_seconds", self.drain_seconds)
         _check_positive("server.hello_timeout", self.hello_timeout)
-        _check_positive("server.reply_timeout", self.reply_timeout)
+        _check_positive("server.transfer_timeout", self.transfer_timeout)
         _check_positive("server.max_keys_per_request", self.max_keys_per_request)
         _check_positive("server.max_open_per_connection", self.max_open_per_connection)
         self._check_tenant_tokens()

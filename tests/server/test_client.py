@@ -454,3 +454,23 @@ def test_a_same_host_read_that_outlives_its_lease_is_a_miss(node_factory: Any) -
     with node.client(shared_memory=False) as c:  # a TCP get holds them until sent
         got = c.get(keys, layout=LAYOUT)
         assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))
+
+
+def test_a_same_host_put_writes_only_in_the_first_half_of_its_reservation(
+    node_factory: Any,
+) -> None:
+    """At its deadline the node gives a reservation's slots to other blocks, so a
+    put that stalled past half of it writes no more (here every reservation runs
+    out at once): nothing is stored, the slots are given back."""
+    node = node_factory("store.reservation_timeout=0.000001")
+    keys, data = fresh_keys(2), blocks(2, seed=6)
+    with node.client(shared_memory=True, pool_size=1) as c:
+        assert c.put(keys, data, layout=LAYOUT).stored == (False, False)
+        assert c.match(keys).num_blocks == 0
+        assert c.stats()["stats"]["open_reservations"] == 0  # aborted, in order
+        reservation = c.reserve(keys, [LAYOUT.block_bytes] * 2)
+        assert not reservation.writable()  # (closing the connection aborts it)
+    with node.client(shared_memory=False) as c:  # a TCP put holds its own slots
+        assert c.put(keys, data, layout=LAYOUT)
+        got = c.get(keys, layout=LAYOUT)
+        assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))

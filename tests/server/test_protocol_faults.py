@@ -305,9 +305,11 @@ def test_a_slow_tcp_reader_gets_the_bytes_it_asked_for(node_factory: Any) -> Non
     wait_until(lambda: held_slots(node) == 0, 10, "the reply's slot to be let go")
 
 
-def test_a_tcp_reader_slower_than_reply_timeout_is_cut_off(node_factory: Any) -> None:
-    """It cannot hold blocks in the arena for longer than server.reply_timeout."""
-    node = node_factory("server.reply_timeout=1", "disk.enabled=false")
+def test_a_tcp_reader_slower_than_transfer_timeout_is_cut_off(
+    node_factory: Any,
+) -> None:
+    """It cannot hold blocks in the arena for longer than server.transfer_timeout."""
+    node = node_factory("server.transfer_timeout=1", "disk.enabled=false")
     keys = block_keys(Namespace(uuid.uuid4().hex, block_tokens=1), [1])
     size = 48 << 20
     with node.client(shared_memory=False) as client:
@@ -322,5 +324,56 @@ def test_a_tcp_reader_slower_than_reply_timeout_is_cut_off(node_factory: Any) ->
         while chunk := sock.recv(1 << 20):  # what it sent before, then the end
             received += len(chunk)
         assert 0 < received < size
-    assert "slower than server.reply_timeout" in node.log_text()
+    assert "slower than server.transfer_timeout" in node.log_text()
     still_serving(node)
+
+
+def put_frame(key: bytes, size: int) -> bytes:
+    body = {"keys": [key], "sizes": [size], "chained": False}
+    return proto.encode_frame(Kind.REQUEST, Op.PUT, 2, body, size)
+
+
+def test_a_slow_tcp_writer_keeps_its_slots_past_the_reservation_timeout(
+    node_factory: Any,
+) -> None:
+    """A TCP put's payload lands straight in reserved slots: the sweep must not hand
+    them to other blocks while the bytes are still coming, however slowly."""
+    node = node_factory(
+        "store.reservation_timeout=0.2",
+        "store.cleanup_interval=0.05",
+        "disk.enabled=false",
+    )
+    keys = block_keys(Namespace(uuid.uuid4().hex, block_tokens=1), list(range(9)))
+    size = 32 << 20
+    blocks = [np.full(size, i + 1, dtype=np.uint8) for i in range(9)]
+    with node.client(shared_memory=False) as client, raw_connect(node) as sock:
+        sock.sendall(put_frame(bytes(keys[0]), size) + blocks[0][: size // 2].tobytes())
+        # Let the reservation's time run out and the sweep pass over it (the time is
+        # what is tested), then fill the arena with other blocks.
+        time.sleep(0.5)
+        for i in range(1, 9):  # 9 x 32 MiB through a 256 MiB arena
+            client.put(keys[i : i + 1], blocks[i : i + 1])
+        sock.sendall(blocks[0][size // 2 :].tobytes())
+        kind, body = read_frame(sock)
+        assert kind == Kind.REPLY and body["stored"] == [True]
+        for i in range(9):
+            got = client.get(keys[i : i + 1])
+            if got:  # evicted ones are misses; what is there is right
+                assert np.array_equal(got[0], blocks[i]), f"block {i}"
+        assert client.get(keys[:1]), "the slow put's block was evicted at once"
+
+
+def test_a_tcp_writer_slower_than_transfer_timeout_is_cut_off(
+    node_factory: Any,
+) -> None:
+    """Its reservation is aborted, and nothing of it is stored."""
+    node = node_factory("server.transfer_timeout=1", "disk.enabled=false")
+    key = block_keys(Namespace(uuid.uuid4().hex, block_tokens=1), [1])[0]
+    before = memory_used(node)
+    with raw_connect(node) as sock:
+        sock.sendall(put_frame(bytes(key), 8 << 20) + bytes(1 << 20))
+        assert closed_by_peer(sock)  # no reply: the node hung up
+    assert memory_used(node) == before
+    assert "sent a put of 8388608 bytes slower than" in node.log_text()
+    with node.client(shared_memory=False) as client:
+        assert client.match([key]).num_blocks == 0

@@ -55,7 +55,9 @@ class RemoteReservation:
     """Reserved slots of a two-phase write; fill ``views[i]`` for ``keys[i]``.
 
     Commit or abort it through the client that reserved it (on the same connection:
-    the node ties reservations to the connection that made them).
+    the node ties reservations to the connection that made them). At its
+    ``deadline`` the node takes the slots back and may give them to other blocks, so
+    write only while :meth:`writable` says so.
     """
 
     def __init__(
@@ -73,6 +75,14 @@ class RemoteReservation:
         self.statuses = statuses
         self.views = views
         self.deadline = deadline
+        self.usable_until = _first_half(deadline)
+
+    def writable(self) -> bool:
+        """Whether a block may still be written into the views: in the first half
+        of the reservation's life, so that only a stall of the other half in the
+        middle of one block's copy could still be writing when the node takes the
+        slots back."""
+        return time.time() < self.usable_until
 
 
 @dataclass
@@ -84,9 +94,8 @@ class _Ahead:
     offsets: list[int]
     sizes: list[int]
     group: str
-    # Unix time, the node's clock (the same host's): a put starts in the first half
-    # of the slots' life, so a stall of half store.reservation_timeout mid-copy (15 s
-    # by default) is what it would take to write into slots the node took back.
+    # Unix time, the node's clock (the same host's): a put writes a block only in
+    # the first half of the slots' life (see RemoteReservation.writable).
     usable_until: float
 
     def fits(self, sizes: list[int], group: str) -> bool:
@@ -101,6 +110,12 @@ class _Ahead:
 
 
 _AHEAD_MIN_MARGIN_S = 5.0  # slots with less than this to spare are not worth it
+
+
+def _first_half(deadline: float) -> float:
+    """The middle of the time from now to ``deadline`` (Unix time)."""
+    now = time.time()
+    return now + (deadline - now) / 2
 
 
 class RemoteLease:
@@ -361,14 +376,25 @@ class AsyncClient:
                 for offset, size in zip(ahead.offsets, sizes, strict=False)
             ]
             body = {"id": reservation_id, **_chain_body(keys), "sizes": sizes}
+            usable_until = ahead.usable_until
         else:
             reservation = await self.reserve(keys, sizes)
             conn, reservation_id = reservation.conn, reservation.reservation_id
             views, body = reservation.views, {"id": reservation_id}
+            usable_until = reservation.usable_until
         try:
             for view, arr in zip(views, arrays, strict=True):
-                if view is not None:
-                    copy_block(view, arr)
+                if view is None:
+                    continue
+                if time.time() >= usable_until:  # stalled: see writable()
+                    await conn.post(Op.ABORT, {"id": reservation_id})
+                    log.warning(
+                        "a put of %d blocks stalled past half its reservation's "
+                        "time (store.reservation_timeout): not stored",
+                        len(arrays),
+                    )
+                    return PutResult((False,) * len(arrays))
+                copy_block(view, arr)
         except BaseException:
             await conn.post(Op.ABORT, {"id": reservation_id})
             raise

@@ -15,12 +15,13 @@ backstop for a client that hangs without disconnecting).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvtier import protocol as proto
@@ -211,6 +212,24 @@ class Session:
         if remaining[0]:
             raise RemoteError("bad_request", "this operation takes no payload")
 
+    @contextlib.asynccontextmanager
+    async def _transfer(self, what: str, nbytes: int) -> AsyncIterator[None]:
+        """Bounds a payload's trip across the connection by server.transfer_timeout;
+        past it the connection is dropped (the frame is cut short)."""
+        try:
+            async with asyncio.timeout(self.limits.transfer_timeout):
+                yield
+        except TimeoutError:
+            log.warning(
+                "closing %s: it %s of %d bytes slower than server.transfer_timeout "
+                "(%s s)",
+                self.peer,
+                what,
+                nbytes,
+                self.limits.transfer_timeout,
+            )
+            raise ConnectionLostError("transfer_timeout") from None
+
     async def _off_loop(
         self, needs_io: bool, fn: Callable[..., _T], *args: Any, **kwargs: Any
     ) -> _T:
@@ -272,21 +291,27 @@ class Session:
                 "bad_request",
                 f"sizes add up to {sum(sizes)} bytes, the payload has {rest[0]}",
             )
+        # The payload goes straight into the reserved slots: they are this call's
+        # until it commits or aborts (a reservation_timeout could hand them to
+        # other blocks while a slow client's bytes still land in them), and a
+        # client slower than transfer_timeout is cut off.
         reservation = await self._off_loop(
             self.store.reserve_needs_io(sum(sizes), chain.quota_group),
             self.store.reserve,
             chain,
             sizes,
+            timeout=math.inf,
         )
         try:
-            for slot in reservation.slots:
-                if slot.status == "reserved":
-                    await self.channel.recv_into(
-                        self.store.arena_view(slot.offset, slot.nbytes)
-                    )
-                else:
-                    await self.channel.discard(slot.nbytes)
-                rest[0] -= slot.nbytes
+            async with self._transfer("sent a put", sum(sizes)):
+                for slot in reservation.slots:
+                    if slot.status == "reserved":
+                        await self.channel.recv_into(
+                            self.store.arena_view(slot.offset, slot.nbytes)
+                        )
+                    else:
+                        await self.channel.discard(slot.nbytes)
+                    rest[0] -= slot.nbytes
         except BaseException:
             self.store.abort(reservation)
             raise
@@ -307,7 +332,8 @@ class Session:
         leases = []
         # The blocks go out of the arena as the socket takes them: they are held
         # until the reply is out (released below, whatever happens), and a client
-        # slower than reply_timeout is cut off, so nothing is sent once released.
+        # slower than transfer_timeout is cut off, so nothing is sent once released.
+        # (A lease that ran out mid-send would let the slots go to other blocks.)
         try:
             for group in [[key] for key in keys] if exact else [keys]:
                 needs_io = self.store.lease_needs_io(group)
@@ -323,18 +349,8 @@ class Session:
                 else [view.nbytes for view in views]
             )
             nbytes = sum(view.nbytes for view in views)
-            try:
-                async with asyncio.timeout(self.limits.reply_timeout):
-                    await self._reply(header, {"sizes": sizes}, views)
-            except TimeoutError:
-                log.warning(
-                    "closing %s: it read a reply of %d bytes slower than "
-                    "server.reply_timeout (%s s)",
-                    self.peer,
-                    nbytes,
-                    self.limits.reply_timeout,
-                )
-                raise ConnectionLostError("reply_timeout") from None
+            async with self._transfer("read a reply", nbytes):
+                await self._reply(header, {"sizes": sizes}, views)
             self.node.metrics.observe_sent(nbytes)
         finally:
             for lease in leases:
