@@ -150,3 +150,32 @@ def test_an_owned_store_opens_from_config(tmp_path: Any) -> None:
             ).num_blocks
             == 2
         )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hint", [False, True])
+def test_a_finished_conversation_goes_first(tmp_path: Any, hint: bool) -> None:
+    """finish() reaches the eviction policy: with it, a conversation that is over
+    gives way before an older one that may go on."""
+    model = tiny_model("llama")
+    overrides = store_settings(
+        tmp_path / "kv",
+        **{
+            "memory.capacity_bytes": "128KiB",  # 16 blocks of 8 KiB
+            "memory.slab_bytes": "32KiB",
+            "disk.enabled": False,
+        },
+    )
+    with kvtier.open(overrides=overrides) as store:
+        kv = PrefixCache(model, store, config=settings(store))
+        assert kv.layout.block_bytes == 8192
+        older, over = prompt(64, seed=1), prompt(64, seed=2)  # 4 blocks each
+        for ids in (older, over):
+            assert kv.save(ids, model(ids, use_cache=True).past_key_values) == 4
+        if hint:
+            kv.finish(over)
+        filler = prompt(128, seed=3)  # 8 more blocks: over the high watermark
+        assert kv.save(filler, model(filler, use_cache=True).past_key_values) == 8
+        kept = tuple(store.match(kv.keys(ids)).num_blocks for ids in (older, over))
+    # Oldest first without the hint; the finished conversation first with it.
+    assert kept == ((4, 0) if hint else (0, 4)), kept

@@ -207,6 +207,12 @@ class PrefixCache:
         self.stats.stored_blocks += stored
         return stored
 
+    def finish(self, token_ids: Any) -> None:
+        """Hints that the conversation ``token_ids`` is over (see
+        ``TieredStore.finish``): the blocks no other prompt shares may go first when
+        memory runs short. Pass the whole last sequence (prompt and answer)."""
+        self.blocks.finish(self.keys(token_ids))
+
     def generate(self, input_ids: Any, **generate_kwargs: Any) -> Any:
         """``model.generate`` that prefills only what kvtier does not have.
 
