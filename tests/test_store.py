@@ -397,6 +397,26 @@ def test_a_block_deleted_while_read_keeps_its_slot_until_released(
         assert store._memory.used_bytes == 0
 
 
+def test_an_unbounded_reader_that_released_does_not_pin_a_deleted_slot(
+    tmp_path: Path,
+) -> None:
+    """A slot's hold lasts as long as the readers still holding it: a reader
+    without a deadline that let go must not keep the slot of a deleted block from
+    the sweep after a crashed reader's lease ran out."""
+    clock = FakeClock()
+    with make_store(tmp_path, clock, disk__enabled=False) as store:
+        keys = prompt(1)
+        store.put(keys, blocks_for(keys), layout=LAYOUT)
+        crashed = store.lease(keys)  # never released
+        store.lease(keys, seconds=math.inf).release()
+        assert store.delete(keys) == 1
+        clock.now += store.config.store.lease_seconds
+        assert crashed.expired()
+        store.expire()
+        assert store._memory.used_bytes == 0
+        assert store._place.held_slots == 0
+
+
 def test_lease_promotes_disk_blocks_into_memory(tmp_path: Path) -> None:
     keys = prompt(2)
     blocks = blocks_for(keys)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,12 +56,21 @@ Array = np.ndarray[Any, Any]
 
 @dataclass(slots=True)
 class SlotHold:
-    """The readers of one memory slot."""
+    """The readers of one memory slot: the deadline of each one's lease."""
 
     offset: int
-    readers: int = 0
-    deadline: float = 0.0
+    deadlines: list[float] = field(default_factory=list)
     detached: bool = False  # its block is gone; free the slot when the readers are
+
+    @property
+    def readers(self) -> int:
+        return len(self.deadlines)
+
+    @property
+    def deadline(self) -> float:
+        """When the last of its readers' leases runs out (one released is gone
+        from it: an unbounded reader that released must not keep it forever)."""
+        return max(self.deadlines, default=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,8 +286,7 @@ class Placement:
             hold = self._holds.get(location[0])
             if hold is None:
                 hold = self._holds[location[0]] = SlotHold(location[0])
-            hold.readers += 1
-            hold.deadline = max(hold.deadline, deadline)
+            hold.deadlines.append(deadline)
         return Lease(key, entry, deadline, location, hold)
 
     def lease_prefix(
@@ -299,8 +307,9 @@ class Placement:
         hold = lease.hold
         if hold is None or self._holds.get(hold.offset) is not hold:
             return  # no slot, or the hold ran out and the slot was freed already
-        hold.readers -= 1
-        if hold.readers == 0:
+        if lease.deadline in hold.deadlines:  # (released twice: once only)
+            hold.deadlines.remove(lease.deadline)
+        if not hold.deadlines:
             del self._holds[hold.offset]
             if hold.detached:
                 self.memory.release_slot(hold.offset)

@@ -50,27 +50,41 @@ class Channel:
             ConnectionLostError: The peer closed or reset the connection first.
         """
         view = memoryview(buffer).cast("B")
-        if self._streams is not None:
-            await self._recv_stream(view)
-            return
-        assert self.sock is not None
-        loop = asyncio.get_running_loop()
         while view:
+            view = view[await self.recv_some(view) :]
+
+    async def recv_some(self, view: memoryview) -> int:
+        """Receives at least one byte into the start of ``view`` (not empty), and
+        returns how many.
+
+        Safe to cancel: bytes leave the socket only in the step that returns their
+        count (``loop.sock_recv_into`` may have taken them when a cancel lands, and
+        then their count is lost, and with it the stream's place).
+
+        Raises:
+            ConnectionLostError: The peer closed or reset the connection first.
+        """
+        if self._streams is not None:
             try:
-                count = await loop.sock_recv_into(self.sock, view)
+                data = await self._streams[0].read(len(view))
+            except OSError as exc:
+                raise ConnectionLostError(f"connection lost: {exc}") from exc
+            if not data:
+                raise ConnectionLostError("the peer closed the connection")
+            view[: len(data)] = data
+            return len(data)
+        assert self.sock is not None
+        while True:
+            try:
+                count = self.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                await _wait(self.sock, readable=True)
+                continue
             except OSError as exc:
                 raise ConnectionLostError(f"connection lost: {exc}") from exc
             if count == 0:
                 raise ConnectionLostError("the peer closed the connection")
-            view = view[count:]
-
-    async def _recv_stream(self, view: memoryview) -> None:
-        assert self._streams is not None
-        try:
-            data = await self._streams[0].readexactly(len(view))
-        except (asyncio.IncompleteReadError, OSError) as exc:
-            raise ConnectionLostError(f"connection lost: {exc}") from exc
-        view[:] = data
+            return count
 
     async def discard(self, nbytes: int) -> None:
         """Reads and drops ``nbytes`` (a payload nobody wants)."""
@@ -116,19 +130,29 @@ class Channel:
             ConnectionLostError: The peer closed or reset the connection first.
             TimeoutError: ``deadline`` (``time.monotonic()``) passed first.
         """
-        assert self.sock is not None, "a plain socket"
         view = memoryview(buffer).cast("B")
         while view:
+            view = view[self.recv_some_now(view, deadline) :]
+
+    def recv_some_now(self, view: memoryview, deadline: float | None) -> int:
+        """:meth:`recv_some` on the calling thread (see :meth:`recv_into_now`).
+
+        Raises:
+            ConnectionLostError: The peer closed or reset the connection first.
+            TimeoutError: ``deadline`` (``time.monotonic()``) passed first.
+        """
+        assert self.sock is not None, "a plain socket"
+        while True:
             try:
                 count = self.sock.recv_into(view)
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 _poll(self.sock, select.POLLIN, deadline)
                 continue
             except OSError as exc:
                 raise ConnectionLostError(f"connection lost: {exc}") from exc
             if count == 0:
                 raise ConnectionLostError("the peer closed the connection")
-            view = view[count:]
+            return count
 
     def send_now(self, buffers: Sequence[Any], deadline: float | None) -> None:
         """:meth:`send` on the calling thread (see :meth:`recv_into_now`); the
@@ -199,9 +223,9 @@ async def _wait(sock: socket.socket, readable: bool) -> None:
     ready = loop.create_future()
     fd = sock.fileno()
     if readable:
-        loop.add_reader(fd, ready.set_result, None)
+        loop.add_reader(fd, _wake, ready)
     else:
-        loop.add_writer(fd, ready.set_result, None)
+        loop.add_writer(fd, _wake, ready)
     try:
         await ready
     finally:
@@ -209,6 +233,11 @@ async def _wait(sock: socket.socket, readable: bool) -> None:
             loop.remove_reader(fd)
         else:
             loop.remove_writer(fd)
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():  # it may have been cancelled in the same loop pass
+        ready.set_result(None)
 
 
 async def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:

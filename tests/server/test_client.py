@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kvnode import NodeProcess
+from kvnode import NodeProcess, wait_until
 
 from kvtier import KVLayout, Namespace, block_keys
 from kvtier.client import AsyncClient, Client
@@ -374,34 +374,87 @@ def test_a_put_cancelled_mid_payload_stores_nothing_wrong(node: NodeProcess) -> 
     asyncio.run(scenario())
 
 
-def test_a_read_cancelled_mid_reply_drops_its_connection(node: NodeProcess) -> None:
-    """The next reader would start in the middle of the reply's frame."""
+async def stored_on_one_connection(
+    c: AsyncClient, count: int, seed: int
+) -> tuple[KeyChain, list[np.ndarray[Any, Any]], Any]:
+    """Fresh blocks put through ``c`` (a pool of one), and that one connection."""
+    keys, data = fresh_keys(count), blocks(count, seed=seed)
+    assert await c.put(keys, data, layout=LAYOUT)
+    (conn,) = c._pool
+    assert conn is not None
+    return keys, data, conn
+
+
+def test_a_read_cancelled_mid_reply_leaves_the_stream_in_step(
+    node: NodeProcess,
+) -> None:
+    """A reader cancelled halfway through a reply leaves its place on the connection:
+    the next reader goes on from it (the rest of the payload dropped, not written
+    into the cancelled caller's buffers), and the connection stays usable."""
 
     async def scenario() -> None:
         async with AsyncClient(node.address, shared_memory=False, pool_size=1) as c:
-            keys, data = fresh_keys(1), blocks(1, seed=4)
-            assert await c.put(keys, data, layout=LAYOUT)
-            (conn,) = c._pool
-            assert conn is not None
-            real = conn.channel.recv_into
+            keys, data, conn = await stored_on_one_connection(c, 1, seed=4)
+            real = conn.channel.recv_some
             stalled = asyncio.Event()
 
-            async def half_read(buffer: Any) -> None:
-                if stalled.is_set() or memoryview(buffer).nbytes < LAYOUT.block_bytes:
-                    await real(buffer)
-                    return
-                stalled.set()  # the payload's buffer: stop before reading it
-                await asyncio.Event().wait()
+            async def half_read(view: memoryview) -> int:
+                if stalled.is_set():
+                    await asyncio.Event().wait()  # until cancelled
+                if view.nbytes < LAYOUT.block_bytes:
+                    return await real(view)
+                stalled.set()  # the payload: some of it comes in, then a stall
+                return await real(view[:100])
 
-            conn.channel.recv_into = half_read  # type: ignore[method-assign]
-            get = asyncio.create_task(c.get(keys, layout=LAYOUT))
+            conn.channel.recv_some = half_read  # type: ignore[method-assign]
+            outs = [np.zeros(LAYOUT.block_shape, np.float16)]
+            get = asyncio.create_task(c.get_into(keys, outs, layout=LAYOUT))
             await stalled.wait()
+            while not conn._read_lock.locked():  # the reader is stalled in it
+                await asyncio.sleep(0)
             get.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await get
-            assert conn.closed
-            (got,) = await c.get(keys, layout=LAYOUT)  # a new connection
+            conn.channel.recv_some = real  # type: ignore[method-assign]
+            outs[0][...] = 0
+            (got,) = await c.get(keys, layout=LAYOUT)  # on the same connection
             assert np.array_equal(got, data[0])
+            assert not conn.closed and c._pool == [conn]
+            assert not outs[0].any()  # nothing more went into the cancelled buffer
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_a_reader_spares_the_other_requests_in_flight(
+    node: NodeProcess,
+) -> None:
+    """The caller reading replies for everyone is cancelled before its reply came:
+    the next caller takes over reading, and the connection stays."""
+
+    async def scenario() -> None:
+        async with AsyncClient(node.address, shared_memory=False, pool_size=1) as c:
+            keys, data, conn = await stored_on_one_connection(c, 2, seed=7)
+            real = conn.channel.recv_some
+            waiting, go = asyncio.Event(), asyncio.Event()
+
+            async def held(view: memoryview) -> int:
+                if not go.is_set():
+                    waiting.set()
+                    await go.wait()
+                return await real(view)
+
+            conn.channel.recv_some = held  # type: ignore[method-assign]
+            first = asyncio.create_task(c.match(keys))
+            await waiting.wait()  # it reads for everyone, and is held
+            second = asyncio.create_task(c.contains(keys))
+            while len(conn._waiting) < 2:  # both requests are on the wire
+                await asyncio.sleep(0)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            go.set()
+            assert await second == [True, True]
+            assert not conn.closed and c._pool == [conn]
 
     asyncio.run(scenario())
 
@@ -474,3 +527,59 @@ def test_a_same_host_put_writes_only_in_the_first_half_of_its_reservation(
         assert c.put(keys, data, layout=LAYOUT)
         got = c.get(keys, layout=LAYOUT)
         assert all(np.array_equal(a, b) for a, b in zip(got, data, strict=True))
+
+
+@pytest.mark.parametrize("call", ["lease", "reserve"])
+def test_a_lease_or_reservation_granted_to_a_cancelled_call_is_given_back(
+    node_factory: Any, call: str
+) -> None:
+    """Its late reply is read by the next reader, which releases or aborts what it
+    granted: the caller never saw it, so nothing else would before it leaves."""
+    node = node_factory("store.write_policy=write_back")  # no writer's leases
+
+    async def held(c: AsyncClient) -> tuple[int, int]:
+        stats = (await c.stats())["stats"]
+        return int(stats["held_slots"]), int(stats["open_reservations"])
+
+    async def scenario() -> None:
+        async with AsyncClient(node.address, pool_size=1, reserve_ahead=False) as c:
+            keys, data = fresh_keys(2), blocks(2, seed=8)
+            assert await c.put(keys, data, layout=LAYOUT)
+            assert await held(c) == (0, 0)
+            (conn,) = c._pool
+            assert conn is not None
+            async with conn._read_lock:  # nobody reads the reply yet
+                task = asyncio.create_task(
+                    c.lease(keys)
+                    if call == "lease"
+                    else c.reserve(fresh_keys(2), [LAYOUT.block_bytes] * 2)
+                )
+                while not conn._waiting:  # its request is sent
+                    await asyncio.sleep(0)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while await held(c) != (0, 0) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert await held(c) == (0, 0)
+            assert not conn.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_stops_counting_leases_past_their_deadline(
+    node_factory: Any,
+) -> None:
+    """server.max_open_per_connection counts what is open: leases a client never
+    released (it lost track of them) stop counting once they have run out."""
+    node = node_factory("server.max_open_per_connection=2", "store.lease_seconds=0.2")
+    keys, data = fresh_keys(1), blocks(1, seed=9)
+    with node.client(shared_memory=True, pool_size=1) as c:
+        assert c.put(keys, data, layout=LAYOUT)
+        first, _second = c.lease(keys), c.lease(keys)
+        with pytest.raises(RemoteError, match="max_open_per_connection=2"):
+            c.lease(keys)
+        wait_until(lambda: first.expired(), 10, "the leases to run out")
+        c.release(c.lease(keys))  # the two that ran out no longer count

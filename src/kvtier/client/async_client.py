@@ -377,11 +377,13 @@ class AsyncClient:
             ]
             body = {"id": reservation_id, **_chain_body(keys), "sizes": sizes}
             usable_until = ahead.usable_until
+            already = [False] * len(arrays)  # sorted out at the commit
         else:
             reservation = await self.reserve(keys, sizes)
             conn, reservation_id = reservation.conn, reservation.reservation_id
             views, body = reservation.views, {"id": reservation_id}
             usable_until = reservation.usable_until
+            already = [status == "stored" for status in reservation.statuses]
         try:
             for view, arr in zip(views, arrays, strict=True):
                 if view is None:
@@ -393,7 +395,7 @@ class AsyncClient:
                         "time (store.reservation_timeout): not stored",
                         len(arrays),
                     )
-                    return PutResult((False,) * len(arrays))
+                    return PutResult(tuple(already))
                 copy_block(view, arr)
         except BaseException:
             await conn.post(Op.ABORT, {"id": reservation_id})
@@ -405,7 +407,9 @@ class AsyncClient:
                 Op.COMMIT,
                 body,
                 timeout=self._timeout,
-                late_reply=lambda late: self._give_back_ahead(conn, late.get("ahead")),
+                late_reply=lambda late: self._give_back(
+                    conn, Op.ABORT, late.get("ahead")
+                ),
             )
         except RemoteError:
             await conn.post(Op.ABORT, {"id": reservation_id})  # still open there
@@ -413,11 +417,14 @@ class AsyncClient:
         await self._keep_ahead(conn, reply.get("ahead"), sizes, group)
         return PutResult(tuple(bool(s) for s in reply["stored"]))
 
-    def _give_back_ahead(self, conn: Connection, ahead: dict[str, Any] | None) -> None:
-        """Aborts slots reserved ahead by a commit whose put was cancelled (from a
-        done callback, on the loop)."""
-        if ahead is not None:
-            task = asyncio.ensure_future(conn.post(Op.ABORT, {"id": int(ahead["id"])}))
+    def _give_back(
+        self, conn: Connection, op: Op, granted: dict[str, Any] | None
+    ) -> None:
+        """Aborts (``op``) or releases what the late reply of a cancelled call
+        granted, a reservation or a lease with ``granted["id"]`` (run from a done
+        callback, on the loop): the caller never saw it, so nothing else would."""
+        if granted is not None:
+            task = asyncio.ensure_future(conn.post(op, {"id": int(granted["id"])}))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -580,7 +587,12 @@ class AsyncClient:
         arena = self._need_arena()
         body = {**_chain_body(keys), "sizes": list(sizes), "timeout": timeout}
         conn = await self._conn()
-        reply = await conn.call(Op.RESERVE, body, timeout=self._timeout)
+        reply = await conn.call(
+            Op.RESERVE,
+            body,
+            timeout=self._timeout,
+            late_reply=lambda late: self._give_back(conn, Op.ABORT, late),
+        )
         statuses, views = [], []
         for (code, offset), size in zip(reply["slots"], sizes, strict=True):
             statuses.append(_STATUSES[code])
@@ -605,7 +617,12 @@ class AsyncClient:
         arena = self._need_arena()
         conn = await self._conn()
         body = {"keys": [bytes(k) for k in keys]}
-        reply = await conn.call(Op.LEASE, body, timeout=self._timeout)
+        reply = await conn.call(
+            Op.LEASE,
+            body,
+            timeout=self._timeout,
+            late_reply=lambda late: self._give_back(conn, Op.RELEASE, late),
+        )
         views = []
         for offset, size in reply["slots"]:
             view = arena[offset : offset + size]

@@ -10,9 +10,15 @@ between tasks per request, which measured twice the round trip of a lone request
 into buffers the caller's ``sink`` names: the blocks of a ``get_into`` land in the
 caller's arrays without an intermediate copy.
 
-A connection that times out or breaks is closed and every request on it fails with
-:class:`~kvtier.errors.ConnectionLostError` (or ``RequestTimeoutError``); the client's
-pool opens a new one.
+A caller cancelled while it waits (its task cancelled, ``asyncio.wait_for``) leaves
+the connection in step: where the reply being read stands is kept on the connection,
+not in the reader, and bytes leave the socket only with their count
+(``Channel.recv_some``), so the next reader goes on from there; the payload of a reply
+whose caller is gone is dropped, never written into its buffers after it returned. A
+request cancelled halfway through sending cannot be finished, so that closes the
+connection. A connection that times out or breaks is closed and every request on it
+fails with :class:`~kvtier.errors.ConnectionLostError` (or ``RequestTimeoutError``);
+the client's pool opens a new one.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class _Waiting:
     op: int
     future: asyncio.Future[dict[str, Any]]
     sink: Sink | None = field(default=None)
+    orphaned: bool = False  # its caller was cancelled: nothing goes into its sink
 
 
 class Connection:
@@ -69,6 +76,11 @@ class Connection:
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._ids = itertools.count(1)
         self._header = bytearray(proto.HEADER.size)
+        # Where the reply being read stands (see _next_view).
+        self._steps: Iterator[Any] | None = None
+        self._view: memoryview | None = None
+        self._payload_of: _Waiting | None = None
+        self._discard = 0
         self._error: Exception | None = None
         self._closed_here = False
         # Set by a caller that runs nothing else on its loop while it waits (the
@@ -161,6 +173,7 @@ class Connection:
         except TimeoutError:
             raise self._timed_out(waiting, timeout) from None
         except asyncio.CancelledError:
+            waiting.orphaned = True
             waiting.future.add_done_callback(_Orphan(late_reply))
             raise
 
@@ -252,24 +265,55 @@ class Connection:
         return future.result()
 
     async def _read_one(self) -> None:
+        """Reads the rest of the reply in progress, or the next one."""
         try:
-            for buffer in self._reply_steps():
-                await self.channel.recv_into(buffer)
+            while (view := self._next_view()) is not None:
+                self._advance(await self.channel.recv_some(view))
         except (ConnectionLostError, ProtocolError) as exc:
             self._fail(exc)
             raise ConnectionLostError(str(exc)) from exc
-        except BaseException as exc:
-            # Cancelled (a caller's timeout) with the reply maybe half read: the
-            # next reader would start mid-frame, so the connection must go.
-            self._fail(_lost(exc))
-            raise
 
     def _read_one_now(self, deadline: float | None) -> None:
         try:
-            for buffer in self._reply_steps():
-                self.channel.recv_into_now(buffer, deadline)
+            while (view := self._next_view()) is not None:
+                self._advance(self.channel.recv_some_now(view, deadline))
         except ProtocolError as exc:
             raise ConnectionLostError(str(exc)) from exc
+
+    def _next_view(self) -> memoryview | None:
+        """Where the reply being read goes on: the rest of the buffer in progress,
+        else the next one :meth:`_reply_steps` names; ``None`` once the reply is
+        complete (and handed to its waiter).
+
+        The place in the stream lives on the connection, not in a reader: a reader
+        cancelled in the middle of a reply (a caller's timeout, a cancelled task)
+        leaves it here and the next reader goes on from it, so the stream never
+        gets out of step.
+        """
+        owner = self._payload_of
+        if self._view and owner is not None and owner.orphaned:
+            # Its caller has returned: the rest is not for its buffer any more.
+            self._discard, self._view = len(self._view), None
+        if self._discard:
+            return memoryview(bytearray(min(self._discard, 1 << 20)))
+        while not self._view:
+            if self._steps is None:
+                self._steps = self._reply_steps()
+            try:
+                buffer = next(self._steps)
+            except StopIteration:
+                self._steps = self._view = None
+                return None
+            self._view = memoryview(buffer).cast("B")
+        return self._view
+
+    def _advance(self, count: int) -> None:
+        """``count`` bytes went into the view :meth:`_next_view` gave."""
+        if self._discard:
+            self._discard -= count
+        else:
+            assert self._view is not None
+            self._view = self._view[count:]
 
     def _reply_steps(self) -> Iterator[Any]:
         """Reads the next reply and hands it to its waiter: yields each buffer to be
@@ -277,8 +321,9 @@ class Connection:
         reader and the calling thread's reader drive the same steps.
 
         A reply's payload goes straight into the buffers its waiter's ``sink`` names
-        (asked even for an empty payload, so it sees every reply's body); an error
-        reply's payload is dropped.
+        (asked even for an empty payload, so it sees every reply's body). The
+        payload of an error reply, of a waiter whose caller is gone, or of one whose
+        sink refused the reply (its error goes to the waiter) is dropped.
         """
         yield self._header
         header = FrameHeader.unpack(self._header, _MAX_REPLY_PAYLOAD)
@@ -292,12 +337,29 @@ class Connection:
             yield from scratch_views(header.payload_bytes)
             _set(waiting.future, exception=_error_of(body))
             return
-        buffers = waiting.sink(body) if waiting.sink is not None else []
+        buffers: Sequence[Any] = []
+        if waiting.orphaned:
+            yield from scratch_views(header.payload_bytes)
+            _set(waiting.future, result=body)
+            return
+        if waiting.sink is not None:
+            try:
+                buffers = waiting.sink(body)
+            except Exception as exc:  # a buffer that does not fit (LayoutError)
+                yield from scratch_views(header.payload_bytes)
+                _set(waiting.future, exception=exc)
+                return
         if sum(memoryview(b).nbytes for b in buffers) != header.payload_bytes:
             raise ProtocolError(
                 f"reply payload of {header.payload_bytes} bytes fits no buffers"
             )
-        yield from buffers
+        for buffer in buffers:
+            if waiting.orphaned:
+                yield from scratch_views(memoryview(buffer).nbytes)
+                continue
+            self._payload_of = waiting
+            yield buffer
+            self._payload_of = None
         _set(waiting.future, result=body)
 
     def _fail(self, error: Exception) -> None:

@@ -520,10 +520,7 @@ class Session:
         ``_MAX_AHEAD`` such reservations unused (the next put then reserves as
         usual). Only the client knows whether it is copying into one already, so
         only the client gives back the ones it will not use."""
-        for stale in [
-            i for i in self.ahead_ids if self.reservations[i].deadline <= time.time()
-        ]:  # past their deadline (a put cancelled before it saw them): the sweep's
-            self.store.abort(self._take_reservation(stale))
+        self._drop_expired()
         if len(self.ahead_ids) >= _MAX_AHEAD:
             return None  # the client has not used (or given back) the last ones
         reservation = await self._off_loop(
@@ -600,7 +597,18 @@ class Session:
         self.ahead_ids.discard(reservation_id)
         return self._take(self.reservations, reservation_id)
 
+    def _drop_expired(self) -> None:
+        """Ends this connection's reservations and leases past their deadline: the
+        store's sweep takes their slots back anyway, and a client that never saw
+        them (its call was cancelled) would not give them back before it leaves."""
+        now = time.time()
+        for rid in [i for i, r in self.reservations.items() if r.deadline <= now]:
+            self.store.abort(self._take_reservation(rid))
+        for lid in [i for i, lease in self.leases.items() if lease.deadline <= now]:
+            self._take(self.leases, lid).release()
+
     def _check_open_count(self) -> None:
+        self._drop_expired()
         limit = self.limits.max_open_per_connection
         held = len(self.reservations) + len(self.leases) - len(self.ahead_ids)
         if held >= limit:
