@@ -437,9 +437,8 @@ class AsyncClient:
     ) -> None:
         if ahead is None:
             return
-        now = time.time()
-        half_life = (float(ahead["deadline"]) - now) / 2
-        if half_life <= _AHEAD_MIN_MARGIN_S:
+        usable_until = _first_half(float(ahead["deadline"]))
+        if usable_until - time.time() <= _AHEAD_MIN_MARGIN_S:
             # The node takes slots back sooner than a put could safely use them
             # (store.reservation_timeout is short): stop asking.
             self._reserve_ahead = False
@@ -452,7 +451,7 @@ class AsyncClient:
             offsets,
             sizes[: len(offsets)],
             group,
-            now + half_life,
+            usable_until,
         )
         stale, self._ahead = self._ahead, kept
         if stale is not None:  # a concurrent put's: one is enough

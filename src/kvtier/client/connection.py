@@ -290,22 +290,23 @@ class Connection:
         leaves it here and the next reader goes on from it, so the stream never
         gets out of step.
         """
-        owner = self._payload_of
-        if self._view and owner is not None and owner.orphaned:
-            # Its caller has returned: the rest is not for its buffer any more.
-            self._discard, self._view = len(self._view), None
-        if self._discard:
-            return memoryview(bytearray(min(self._discard, 1 << 20)))
-        while not self._view:
+        while not self._discard:
+            if self._view:
+                owner = self._payload_of
+                if owner is None or not owner.orphaned:
+                    return self._view
+                # Its caller has returned: the rest is not for its buffer.
+                self._discard, self._view = len(self._view), None
+                break
             if self._steps is None:
                 self._steps = self._reply_steps()
             try:
                 buffer = next(self._steps)
             except StopIteration:
-                self._steps = self._view = None
+                self._steps = None
                 return None
             self._view = memoryview(buffer).cast("B")
-        return self._view
+        return memoryview(bytearray(min(self._discard, 1 << 20)))
 
     def _advance(self, count: int) -> None:
         """``count`` bytes went into the view :meth:`_next_view` gave."""
@@ -354,10 +355,7 @@ class Connection:
                 f"reply payload of {header.payload_bytes} bytes fits no buffers"
             )
         for buffer in buffers:
-            if waiting.orphaned:
-                yield from scratch_views(memoryview(buffer).nbytes)
-                continue
-            self._payload_of = waiting
+            self._payload_of = waiting  # (dropped in _next_view once it is orphaned)
             yield buffer
             self._payload_of = None
         _set(waiting.future, result=body)
