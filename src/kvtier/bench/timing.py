@@ -3,6 +3,7 @@ alternately with its baseline, and free loopback ports for the processes it star
 
 from __future__ import annotations
 
+import collections
 import socket
 import statistics
 import time
@@ -55,8 +56,17 @@ def paired(
     return statistics.median(base_times), statistics.median(subject_times)
 
 
+_GIVEN_PORTS: collections.deque[int] = collections.deque(maxlen=1024)
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the caller's process binds it next)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now (the caller's process binds it next), and
+    none of the last ones given: the kernel may hand the same free port out again
+    before whoever got it binds it (an etcd cluster once got one peer port twice)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.append(port)
+            return port
